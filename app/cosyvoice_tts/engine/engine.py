@@ -1,0 +1,329 @@
+"""The engine: loads a model directory, runs one loop thread that steps every active request together.
+
+Public API (used by the worker): `Engine.load`, `start`, `warmup`, `voices`, `register_voice`, `submit`,
+`stats`, `shutdown`. Everything that touches the model runs on the loop thread; callers only exchange
+messages with their requests, so a slow client never stalls the GPU and no request sees another's state.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CapacityError, EngineError, InvalidRequestError, UnknownVoiceError
+from .kv_cache import CacheFullError
+from .lm_program import BistreamProgram, LMProtocolError, WholeTextProgram, pieces_length
+from .loader import build_modules
+from .model_runner import DecodeRow, ModelRunner
+from .request import Request, SynthesisParams
+from .sampling import RasConfig, SamplingError, make_generator
+from .scheduler import Scheduler
+from .token2wav import StreamConfig, StreamState, Token2Wav
+from .voices import voice_prompt
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Engine:
+    def __init__(self, model, frontend, device: torch.device, dtype: torch.dtype, max_sessions: int,
+                 max_context: int, use_cuda_graphs: bool = True):
+        self.model_dir = model.model_dir
+        self.device = device
+        self.dtype = dtype
+        self.max_sessions = max_sessions
+        self.frontend = frontend
+        self.sample_rate = int(model.hparams.get("sample_rate", 24000))
+        self.llm = model.llm.to(device=device, dtype=dtype)
+        # The flow runs in half precision only where the reference allows it (its fp16 switch); HiFT stays fp32.
+        flow_dtype = torch.float16 if dtype != torch.float32 and device.type == "cuda" else torch.float32
+        self.flow = model.flow.to(device)
+        self.hift = model.hift.to(device)
+        ras = model.llm.sampling
+        self.ras = ras if isinstance(ras, RasConfig) else RasConfig()
+        self.stream_config = StreamConfig(pre_lookahead_len=int(getattr(model.flow, "pre_lookahead_len", 3)),
+                                          token_mel_ratio=int(getattr(model.flow, "token_mel_ratio", 2)))
+        self.runner = ModelRunner(self.llm, device, dtype, max_sessions, max_context, use_cuda_graphs)
+        self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
+        self.scheduler = Scheduler()
+        self.registered: dict[str, dict] = {}
+        self._pending: list[Request] = []
+        self._active: list[Request] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counters = {"steps": 0, "decode_rows": 0, "chunks": 0}
+
+    # --- construction -----------------------------------------------------------------
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "fp32", max_sessions: int = 16,
+             max_context: int = 4096, use_cuda_graphs: bool = True) -> "Engine":
+        from .frontend import Frontend
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        torch_device = torch.device(device)
+        started = time.monotonic()
+        model = build_modules(model_dir)
+        frontend = Frontend(model_dir, torch_device)
+        engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs)
+        log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
+        return engine
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.runner.capture(self.max_sessions)
+        self._thread = threading.Thread(target=self._loop, name="cosyvoice-engine", daemon=True)
+        self._thread.start()
+
+    def warmup(self) -> dict:
+        voice = self.voices()[0]
+        request = self.submit(SynthesisParams(voice=voice, seed=0), text="Hello, warm up.")
+        request.audio()
+        return request.summary
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # --- voices ---------------------------------------------------------------------------
+    def voices(self) -> list[str]:
+        return list(self.frontend.spk2info) + list(self.registered)
+
+    def register_voice(self, voice_id: str, wav: np.ndarray, sample_rate: int, prompt_text: str) -> None:
+        if not voice_id or not isinstance(voice_id, str):
+            raise InvalidRequestError("voice_id must be a non-empty string")
+        if voice_id in self.frontend.spk2info:
+            raise InvalidRequestError(f"voice id {voice_id!r} is a built-in speaker")
+        if not prompt_text or not prompt_text.strip():
+            raise InvalidRequestError("prompt_text must not be empty")
+        try:
+            features = self.frontend.make_voice(np.asarray(wav, dtype=np.float32), int(sample_rate), prompt_text)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        self.registered[voice_id] = features
+
+    def _voice(self, name: str) -> dict:
+        if name in self.registered:
+            return self.registered[name]
+        if name in self.frontend.spk2info:
+            return self.frontend.spk2info[name]
+        raise UnknownVoiceError(name, self.voices())
+
+    # --- requests ---------------------------------------------------------------------------
+    def submit(self, params: SynthesisParams, text: str | None = None) -> Request:
+        """Validate and queue a request. text=None: bistream (push_text / end_text)."""
+        if self._stopping:
+            raise EngineError("draining", "the engine is shutting down")
+        if not 0.5 <= float(params.speed) <= 2.0:
+            raise InvalidRequestError("speed must be between 0.5 and 2.0")
+        voice = self._voice(params.voice)
+        prompt = voice_prompt(params.mode, voice, self._tokenize, params.instruct_text)
+        request = Request(params, self.sample_rate, self._wake)
+        request.voice_prompt = prompt
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        # Separate streams for token sampling and vocoder noise: how the scheduler interleaves the two stages
+        # must not change what either draws.
+        request.generator = make_generator(seed)
+        request.vocoder_generator = make_generator(seed + 1)
+        if text is None:
+            request.bistream = True
+        else:
+            if not text.strip():
+                raise InvalidRequestError("text is empty")
+            request.stats.chars = len(text)
+            request.stats.text_ended_at = request.stats.submitted_at
+            request._text_closed = True
+            segments = [s for s in self.frontend.text_normalize(text, split=True) if s.strip()]
+            if not segments:
+                raise InvalidRequestError("text has nothing to speak after normalisation")
+            request.segments.extend(segments)
+        with self._lock:
+            if len(self._pending) + len(self._active) >= self.max_sessions:
+                raise CapacityError(self.max_sessions)
+            self._pending.append(request)
+        self._wake.set()
+        return request
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._pending) + len(self._active)
+
+    def stats(self) -> dict:
+        out = {"active_requests": self.active_count(), "max_sessions": self.max_sessions,
+               "kv_cache_bytes": self.runner.cache.bytes, **self.counters}
+        if self.device.type == "cuda":
+            out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+            out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+            out["gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.frontend.tokenize(text))
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping:
+            self._wake.clear()
+            self._admit()
+            self._drain_inboxes()
+            plan = self.scheduler.plan(self._active)
+            if plan.empty:
+                self._wake.wait()
+                continue
+            try:
+                self._run(plan)
+            except Exception:  # a bug must not take the worker down: fail what was in the step, go on
+                log.exception("engine step failed")
+                for request in plan.extend + plan.decode + plan.chunks:
+                    self._fail(request, EngineError("internal", "internal engine error"))
+        for request in self._pending + self._active:
+            self._fail(request, EngineError("draining", "the engine shut down"))
+
+    def _admit(self) -> None:
+        with self._lock:
+            new, self._pending = self._pending, []
+        for request in new:
+            request.slot = self.runner.cache.allocate()
+            self._active.append(request)
+            self._start_segment(request)
+
+    def _start_segment(self, request: Request) -> None:
+        prompt = request.voice_prompt
+        request.position = 0
+        if request.bistream:
+            request.program = BistreamProgram(prompt.prompt_text, prompt.llm_prompt_speech,
+                                              self.llm.speech_token_size, self.ras, request.generator,
+                                              mix_ratio=self.llm.mix_ratio)
+        else:
+            text_ids = self._tokenize(request.segments.popleft())
+            request.stats.text_tokens += len(text_ids)
+            request.program = WholeTextProgram(text_ids, prompt.prompt_text, prompt.llm_prompt_speech,
+                                               self.llm.speech_token_size, self.ras, request.generator)
+        request.stream = StreamState(prompt.flow_prompt_speech, prompt.prompt_feat, prompt.embedding,
+                                     stream=request.params.stream, speed=float(request.params.speed),
+                                     cfg=self.stream_config)
+
+    def _drain_inboxes(self) -> None:
+        for request in list(self._active):
+            if request.cancelled:
+                self._finish(request, "cancelled")
+                continue
+            try:
+                for kind, value in request.take_inbox():
+                    if not request.bistream:
+                        continue
+                    if kind == "text":
+                        ids = self._tokenize(value)
+                        request.stats.text_tokens += len(ids)
+                        if ids:
+                            request.program.push_text(ids)
+                    elif kind == "end":
+                        request.program.end_text()
+                if request.program.done:
+                    request.stream.lm_done = True
+            except (LMProtocolError, SamplingError) as exc:
+                self._fail(request, EngineError("generation_failed", str(exc)))
+
+    def _run(self, plan) -> None:
+        self.counters["steps"] += 1
+        for request in plan.extend:
+            self._lm_extend(request)
+        if plan.decode:
+            self._lm_decode([r for r in plan.decode if r in self._active])
+        for request in plan.chunks:
+            if request in self._active:
+                self._vocode(request)
+
+    def _lm_extend(self, request: Request) -> None:
+        pieces = request.program.take_input()
+        try:
+            logp = self.runner.extend(request.slot, request.position, pieces)
+        except CacheFullError as exc:
+            self._fail(request, EngineError("context_full", str(exc)))
+            return
+        request.position += pieces_length(pieces)
+        self._after_lm(request, logp)
+
+    def _lm_decode(self, requests: list[Request]) -> None:
+        rows = []
+        for request in requests:
+            (_, (token,)), = request.program.take_input()
+            rows.append(DecodeRow(request.slot, request.position, token))
+        try:
+            logps = self.runner.decode(rows)
+        except CacheFullError:
+            for request in requests:
+                if request.position + 1 > self.runner.max_len:
+                    self._fail(request, EngineError("context_full", "the request's context is full"))
+            return
+        self.counters["decode_rows"] += len(rows)
+        for request, logp in zip(requests, logps):
+            request.position += 1
+            self._after_lm(request, logp)
+
+    def _after_lm(self, request: Request, logp: torch.Tensor) -> None:
+        try:
+            step = request.program.on_logprobs(logp)
+        except (LMProtocolError, SamplingError) as exc:
+            self._fail(request, EngineError("generation_failed", str(exc)))
+            return
+        request.stream.tokens.extend(step.tokens)
+        request.stats.speech_tokens += len(step.tokens)
+        if step.done:
+            request.stream.lm_done = True
+
+    def _vocode(self, request: Request) -> None:
+        chunk = request.stream.next_chunk()
+        if chunk is None:
+            return
+        audio = self.token2wav.run(request.stream, chunk, generator=request.vocoder_generator)
+        self.counters["chunks"] += 1
+        if audio.size:
+            if request.stats.first_chunk_at is None:
+                request.stats.first_chunk_at = time.monotonic()
+            request.stats.audio_samples += int(audio.size)
+            request.outbox.put(("audio", audio.astype(np.float32, copy=False)))
+        if request.stream.final_emitted:
+            if request.segments:
+                self._start_segment(request)
+            else:
+                self._finish(request, "ok")
+
+    # --- endings ------------------------------------------------------------------------------
+    def _release(self, request: Request) -> None:
+        if request in self._active:
+            self._active.remove(request)
+        if request.slot is not None:
+            self.runner.cache.release(request.slot)
+            request.slot = None
+        request.program = None
+        request.stream = None
+
+    def _finish(self, request: Request, outcome: str) -> None:
+        self._release(request)
+        request.stats.outcome = outcome
+        request.stats.finished_at = time.monotonic()
+        request.outbox.put(("end", outcome))
+
+    def _fail(self, request: Request, error: EngineError) -> None:
+        with self._lock:
+            if request in self._pending:
+                self._pending.remove(request)
+        self._release(request)
+        request.stats.outcome = "error"
+        request.stats.finished_at = time.monotonic()
+        request.error = error
+        request.outbox.put(("error", error))

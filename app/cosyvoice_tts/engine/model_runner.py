@@ -1,0 +1,154 @@
+"""Owns the device side of the speech-token LM: weights, KV cache, and the captured decode step.
+
+Two kinds of LM work: `extend` feeds one request several inputs (prompt prefill, bistream text, re-fed inputs),
+eagerly; `decode` feeds many requests one speech token each in a single forward. On CUDA the decode step is
+captured as CUDA graphs for a ladder of batch sizes (eager decoding is launch-bound: ~64 ms vs ~3 ms a step on an
+H100 for this model), with padded rows writing into a scratch slot.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import CacheFullError, KVCache
+from .lm_program import Piece, pieces_length
+from .modules.llm import Qwen2LM
+from .modules.qwen2 import AttentionInputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeRow:
+    slot: int
+    position: int
+    token: int
+
+
+def batch_ladder(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8]
+    while sizes[-1] < max_batch:
+        sizes.append(sizes[-1] + (8 if sizes[-1] < 32 else 16))
+    return [s for s in sizes if s < max_batch] + [max_batch]
+
+
+class _CapturedDecode:
+    """One CUDA graph of the decode step for a fixed batch size, with its static input/output buffers."""
+
+    def __init__(self, runner: "ModelRunner", batch: int, pool):
+        device = runner.device
+        self.batch = batch
+        self.scratch_slot = runner.cache.scratch_slot
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slots = torch.full((batch,), runner.cache.scratch_slot, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        # Warm up on a side stream before capture, as CUDA graph capture requires.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.logp = runner._decode_forward(self.tokens, self.slots, self.positions)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logp = runner._decode_forward(self.tokens, self.slots, self.positions)
+
+    def run(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        self.tokens[:n].copy_(tokens)
+        self.slots[:n].copy_(slots)
+        self.positions[:n, 0].copy_(positions)
+        if n < self.batch:
+            self.slots[n:].fill_(self.scratch_slot)
+            self.positions[n:].zero_()
+        self.graph.replay()
+        return self.logp[:n]
+
+
+class ModelRunner:
+    def __init__(self, llm: Qwen2LM, device: torch.device, dtype: torch.dtype, max_sessions: int, max_len: int,
+                 use_cuda_graphs: bool = True):
+        self.llm = llm
+        self.device = device
+        self.dtype = dtype
+        config = llm.llm.config
+        self.cache = KVCache(config.num_hidden_layers, max_sessions, max_len, config.num_key_value_heads,
+                             config.head_dim, dtype, device)
+        self.max_len = max_len
+        self.graphs: dict[int, _CapturedDecode] = {}
+        self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
+
+    # --- inputs -----------------------------------------------------------------
+    def embed(self, pieces: list[Piece]) -> torch.Tensor:
+        parts = []
+        for kind, ids in pieces:
+            if kind == "sos":
+                parts.append(self.llm.sos_embedding())
+            elif kind == "task":
+                parts.append(self.llm.task_embedding())
+            elif kind == "text" and ids:
+                parts.append(self.llm.embed_text(torch.tensor(ids, dtype=torch.long, device=self.device)))
+            elif kind == "speech" and ids:
+                parts.append(self.llm.embed_speech(torch.tensor(ids, dtype=torch.long, device=self.device)))
+        return torch.cat(parts, dim=0)
+
+    # --- LM steps -----------------------------------------------------------------
+    @torch.inference_mode()
+    def extend(self, slot: int, start: int, pieces: list[Piece]) -> torch.Tensor:
+        """Feed a request several inputs at positions start.. and return log-probs after the last one (CPU fp32)."""
+        length = pieces_length(pieces)
+        if start + length > self.max_len:
+            raise CacheFullError(f"context of {start + length} tokens exceeds the {self.max_len}-token limit")
+        embeds = self.embed(pieces).unsqueeze(0)
+        positions = torch.arange(start, start + length, device=self.device).unsqueeze(0)
+        slots = torch.tensor([slot], dtype=torch.long, device=self.device)
+        attn = AttentionInputs.build(slots, positions, start + length)
+        hidden = self.llm.llm(embeds, self.cache.k, self.cache.v, attn)
+        return self.llm.logprobs(hidden[:, -1]).squeeze(0).cpu()
+
+    def _decode_forward(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                        key_len: int | None = None) -> torch.Tensor:
+        embeds = self.llm.embed_speech(tokens).unsqueeze(1)
+        attn = AttentionInputs.build(slots, positions, key_len or self.max_len)
+        hidden = self.llm.llm(embeds, self.cache.k, self.cache.v, attn)
+        return self.llm.logprobs(hidden[:, -1])
+
+    @torch.inference_mode()
+    def decode(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """One speech token for each row -> log-probs [B, V] on the CPU (fp32)."""
+        for row in rows:
+            if row.position + 1 > self.max_len:
+                raise CacheFullError(f"slot {row.slot}: context exceeds the {self.max_len}-token limit")
+        tokens = torch.tensor([r.token for r in rows], dtype=torch.long)
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
+        positions = torch.tensor([r.position for r in rows], dtype=torch.long)
+        graph = self._graph_for(len(rows))
+        if graph is not None:
+            logp = graph.run(tokens.to(self.device, non_blocking=True), slots.to(self.device, non_blocking=True),
+                             positions.to(self.device, non_blocking=True))
+        else:
+            # Eager: attend only as far as the longest context in the batch.
+            key_len = int(positions.max()) + 1
+            logp = self._decode_forward(tokens.to(self.device), slots.to(self.device),
+                                        positions.to(self.device).unsqueeze(1), key_len)
+        return logp.float().cpu()
+
+    # --- CUDA graphs ----------------------------------------------------------------
+    def _graph_for(self, batch: int) -> _CapturedDecode | None:
+        if not self.graphs:
+            return None
+        for size in sorted(self.graphs):
+            if size >= batch:
+                return self.graphs[size]
+        return None
+
+    @torch.inference_mode()
+    def capture(self, max_batch: int) -> None:
+        if not self.use_cuda_graphs:
+            return
+        pool = torch.cuda.graph_pool_handle()
+        for size in sorted(batch_ladder(max_batch), reverse=True):
+            self.graphs[size] = _CapturedDecode(self, size, pool)
+        log.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))

@@ -1,0 +1,77 @@
+"""Repetition-aware sampling (RAS), the sampler CosyVoice2 was trained to be decoded with.
+
+Each request owns a seeded CPU `torch.Generator`, so its tokens depend only on its own seed and its own
+log-probabilities, never on which other requests share the batch. The operations and their order match the
+reference (`nucleus_sampling`, `random_sampling`, `ras_sampling`, `sampling_ids`), so with the same seed and the
+same log-probabilities the reference draws the same tokens from the global RNG.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class SamplingError(RuntimeError):
+    """The sampler could not produce an allowed token (reference: 'sampling reaches max_trials')."""
+
+
+@dataclass(frozen=True)
+class RasConfig:
+    top_p: float = 0.8
+    top_k: int = 25
+    win_size: int = 10
+    tau_r: float = 0.1
+
+
+def make_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def nucleus_sample(logp: torch.Tensor, cfg: RasConfig, generator: torch.Generator) -> int:
+    probs, order = logp.softmax(dim=0).sort(descending=True, stable=True)
+    # Keep a token while the mass before it is under top_p and fewer than top_k are kept (reference rule,
+    # accumulated in the same order and precision).
+    kept = 0
+    mass = torch.zeros((), dtype=probs.dtype)
+    limit = min(cfg.top_k, probs.numel())
+    while kept < limit and mass < cfg.top_p:
+        mass = mass + probs[kept]
+        kept += 1
+    choice = probs[:kept].multinomial(1, replacement=True, generator=generator)
+    return int(order[:kept][choice])
+
+
+def random_sample(logp: torch.Tensor, generator: torch.Generator) -> int:
+    return int(logp.softmax(dim=0).multinomial(1, replacement=True, generator=generator))
+
+
+def ras_sample(logp: torch.Tensor, decoded: list[int], cfg: RasConfig, generator: torch.Generator) -> int:
+    token = nucleus_sample(logp, cfg, generator)
+    window = decoded[-cfg.win_size:] if cfg.win_size > 0 else []
+    repeats = sum(1 for t in window if t == token)
+    if repeats >= cfg.win_size * cfg.tau_r:
+        token = random_sample(logp, generator)
+    return token
+
+
+def sample_token(
+    logp: torch.Tensor,
+    decoded: list[int],
+    cfg: RasConfig,
+    generator: torch.Generator,
+    eos_token: int,
+    ignore_eos: bool,
+    max_trials: int = 100,
+) -> int:
+    """One token for one request; while `ignore_eos`, end-of-speech is redrawn (reference `sampling_ids`)."""
+    trials = 0
+    while True:
+        token = ras_sample(logp, decoded, cfg, generator)
+        if not ignore_eos or token != eos_token:
+            return token
+        trials += 1
+        if trials > max_trials:
+            raise SamplingError(f"sampling drew end-of-speech {max_trials} times while it was not allowed")

@@ -1,0 +1,77 @@
+"""Decides what each engine step runs.
+
+Every step: one LM forward for every request that can decode (batched; prompts and other multi-token inputs go
+through `extend` within a token budget), then the vocoder chunks that are due. Streaming first: a request still
+waiting for its first audio goes ahead of streams that already have audio buffered, and among the others the
+one with the least audio ahead of playback goes first, so no stream starves.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .lm_program import pieces_length
+from .request import Request
+
+
+@dataclass
+class StepPlan:
+    extend: list[Request] = field(default_factory=list)
+    decode: list[Request] = field(default_factory=list)
+    chunks: list[Request] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.extend or self.decode or self.chunks)
+
+
+@dataclass
+class SchedulerConfig:
+    max_extend_tokens: int = 2048  # prompt tokens prefilled per step, so running streams keep stepping
+    max_chunks_per_step: int = 4  # vocoder chunks per step while the LM has work
+    urgent_ahead_s: float = 1.0  # a stream with less audio than this ahead of playback is served at once
+
+
+def is_single_speech_token(request: Request) -> bool:
+    pieces = request.program.lm_input
+    return len(pieces) == 1 and pieces[0][0] == "speech" and len(pieces[0][1]) == 1
+
+
+def audio_ahead_s(request: Request, now: float) -> float:
+    """Seconds of audio delivered beyond what real-time playback from the first chunk has consumed."""
+    stats = request.stats
+    if stats.first_chunk_at is None:
+        return 0.0
+    delivered = stats.audio_samples / request.sample_rate
+    return delivered - (now - stats.first_chunk_at)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig | None = None):
+        self.config = config or SchedulerConfig()
+
+    def plan(self, active: list[Request]) -> StepPlan:
+        plan = StepPlan()
+        budget = self.config.max_extend_tokens
+        for request in active:
+            program = request.program
+            if program is None or not program.runnable():
+                continue
+            if is_single_speech_token(request):
+                plan.decode.append(request)
+            else:
+                size = pieces_length(program.lm_input)
+                if not plan.extend or size <= budget:
+                    plan.extend.append(request)
+                    budget -= size
+
+        now = time.monotonic()
+        ready = [r for r in active if r.stream is not None and r.stream.next_chunk() is not None]
+        ready.sort(key=lambda r: (r.stats.first_chunk_at is not None, audio_ahead_s(r, now)))
+        if not (plan.extend or plan.decode):
+            plan.chunks = ready
+        else:
+            limit = self.config.max_chunks_per_step
+            plan.chunks = [r for i, r in enumerate(ready)
+                           if i < limit or audio_ahead_s(r, now) < self.config.urgent_ahead_s]
+        return plan

@@ -1,0 +1,152 @@
+"""Speech tokens -> audio chunks for one request: chunk schedule, flow + HiFT calls, caches and cross-fade.
+
+Every request owns a `StreamState` (hop length, offset, HiFT caches): nothing is shared between requests, so
+one request's growing hop can never leak into another's (the reference keeps it on the shared model object).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    token_hop_len: int = 25  # must match the flow's training static chunk (25 tokens = 50 mel frames)
+    token_max_hop_len: int = 100
+    stream_scale_factor: float = 2.0
+    pre_lookahead_len: int = 3
+    token_mel_ratio: int = 2
+    mel_cache_len: int = 8  # mel frames HiFT re-synthesises at each join
+    samples_per_frame: int = 480
+
+    @property
+    def source_cache_len(self) -> int:
+        return self.mel_cache_len * self.samples_per_frame
+
+
+@dataclass
+class Chunk:
+    """One flow + HiFT job: the tokens to run (the whole prefix, as the flow needs) and where new audio starts."""
+
+    tokens: list[int]
+    token_offset: int
+    finalize: bool
+
+
+@dataclass
+class StreamState:
+    prompt_token: torch.Tensor  # [1, P] int32
+    prompt_feat: torch.Tensor  # [1, T, 80]
+    embedding: torch.Tensor  # [1, 192]
+    stream: bool
+    speed: float
+    cfg: StreamConfig
+    tokens: list[int] = field(default_factory=list)
+    token_offset: int = 0
+    hop: int = 0
+    lm_done: bool = False
+    final_emitted: bool = False
+    hift_mel: torch.Tensor | None = None
+    hift_source: torch.Tensor | None = None
+    hift_speech: torch.Tensor | None = None
+    chunks_done: int = 0
+
+    def __post_init__(self) -> None:
+        prompt_len = int(self.prompt_token.shape[1])
+        hop = self.cfg.token_hop_len
+        # The first hop is padded so that prompt + first chunk fill whole flow chunks.
+        pad = int(np.ceil(prompt_len / hop) * hop - prompt_len)
+        self.hop = hop + pad
+
+    def next_chunk(self) -> Chunk | None:
+        if self.final_emitted:
+            return None
+        if self.stream:
+            needed = self.hop + self.cfg.pre_lookahead_len
+            if len(self.tokens) - self.token_offset >= needed:
+                return Chunk(self.tokens[: self.token_offset + needed], self.token_offset, finalize=False)
+        if self.lm_done:
+            return Chunk(list(self.tokens), self.token_offset, finalize=True)
+        return None
+
+    def advance(self, chunk: Chunk) -> None:
+        self.chunks_done += 1
+        if chunk.finalize:
+            self.final_emitted = True
+            return
+        self.token_offset += self.hop
+        hop = self.cfg.token_hop_len if self.chunks_done == 1 else self.hop
+        # Later hops grow (fewer, larger flow calls) once the stream is safely ahead of playback.
+        self.hop = int(min(self.cfg.token_max_hop_len, hop * self.cfg.stream_scale_factor))
+
+
+def hamming_window(length: int) -> torch.Tensor:
+    n = torch.arange(length, dtype=torch.float64)
+    return (0.54 - 0.46 * torch.cos(2 * torch.pi * n / (length - 1))).float()
+
+
+class Token2Wav:
+    """Runs chunks through the flow and HiFT stages on the engine's device."""
+
+    def __init__(self, flow: torch.nn.Module, hift: torch.nn.Module, device: torch.device, cfg: StreamConfig,
+                 flow_dtype: torch.dtype = torch.float32):
+        self.flow = flow
+        self.hift = hift
+        self.device = device
+        self.cfg = cfg
+        self.flow_dtype = flow_dtype
+        self.window = hamming_window(2 * cfg.source_cache_len)
+
+    @torch.inference_mode()
+    def run(self, state: StreamState, chunk: Chunk, generator: torch.Generator | None = None) -> np.ndarray:
+        device = self.device
+        tokens = torch.tensor([chunk.tokens], dtype=torch.int32, device=device)
+        prompt_token = state.prompt_token.to(device)
+        prompt_feat = state.prompt_feat.to(device)
+        with torch.autocast(device.type, dtype=self.flow_dtype, enabled=self.flow_dtype != torch.float32):
+            mel, _ = self.flow.inference(
+                token=tokens,
+                token_len=torch.tensor([tokens.shape[1]], dtype=torch.int32, device=device),
+                prompt_token=prompt_token,
+                prompt_token_len=torch.tensor([prompt_token.shape[1]], dtype=torch.int32, device=device),
+                prompt_feat=prompt_feat,
+                prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=torch.int32, device=device),
+                embedding=state.embedding.to(device),
+                streaming=state.stream,
+                finalize=chunk.finalize,
+            )
+        mel = mel.float()[:, :, chunk.token_offset * self.cfg.token_mel_ratio:]
+        if chunk.finalize and state.speed != 1.0 and state.hift_mel is None:
+            mel = F.interpolate(mel, size=int(mel.shape[2] / state.speed), mode="linear")
+        speech = self._vocode(state, mel, chunk.finalize, generator)
+        state.advance(chunk)
+        return speech.squeeze(0).cpu().numpy()
+
+    def _vocode(self, state: StreamState, mel: torch.Tensor, finalize: bool,
+                generator: torch.Generator | None) -> torch.Tensor:
+        cfg = self.cfg
+        if state.hift_mel is not None:
+            mel = torch.cat([state.hift_mel, mel], dim=2)
+            cache_source = state.hift_source
+        else:
+            cache_source = torch.zeros(1, 1, 0, device=mel.device)
+        speech, source = self.hift.inference(speech_feat=mel, cache_source=cache_source, generator=generator)
+        if state.hift_speech is not None:
+            speech = self._cross_fade(speech, state.hift_speech)
+        if finalize:
+            return speech
+        state.hift_mel = mel[:, :, -cfg.mel_cache_len:]
+        state.hift_source = source[:, :, -cfg.source_cache_len:]
+        state.hift_speech = speech[:, -cfg.source_cache_len:]
+        # The tail is held back: the next chunk re-synthesises it and fades across.
+        return speech[:, : -cfg.source_cache_len]
+
+    def _cross_fade(self, speech: torch.Tensor, previous_tail: torch.Tensor) -> torch.Tensor:
+        overlap = self.window.shape[0] // 2
+        window = self.window.to(speech.device, speech.dtype)
+        speech = speech.clone()
+        speech[:, :overlap] = speech[:, :overlap] * window[:overlap] + previous_tail[:, -overlap:] * window[overlap:]
+        return speech

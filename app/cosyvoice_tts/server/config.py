@@ -1,0 +1,140 @@
+"""Worker configuration: command line and environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field
+
+AUTH_TOKEN_ENV = "COSYVOICE_TTS_AUTH_TOKEN"
+CACHE_ENV = "COSYVOICE_TTS_CACHE"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8081
+    gpu: int = 0
+    backend: str = "native"
+    model_dir: str | None = None
+    dtype: str = "fp32"
+    max_sessions: int = 16
+    max_connections: int = 0  # 0: 4 x max_sessions
+    drain_timeout: float = 30.0
+    auth_token: str | None = field(default=None, repr=False)
+    max_text_chars: int = 20000
+    max_frame_bytes: int = 256 * 1024
+    text_timeout: float = 60.0
+    worker_id: str | None = None
+    voices_dir: str | None = None
+    warmup: bool = True
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.max_connections <= 0:
+            self.max_connections = 4 * self.max_sessions
+
+    def default_worker_id(self, bound_port: int) -> str:
+        return self.worker_id or f"{socket.gethostname()}:{bound_port}"
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("--port must be in 0..65535")
+        if self.backend not in ("native", "vllm"):
+            raise ValueError("--backend must be native or vllm")
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError("--dtype must be fp32, fp16 or bf16")
+        for name in ("max_sessions", "max_text_chars", "max_frame_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.drain_timeout < 0 or self.text_timeout <= 0:
+            raise ValueError("--drain-timeout must be >= 0 and --text-timeout > 0")
+        if self.gpu < 0:
+            raise ValueError("--gpu must be >= 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cosyvoice_tts.server",
+        description="Per-GPU CosyVoice2 streaming TTS worker: WebSocket /ws, plus GET /healthz /readyz /metrics.",
+    )
+    p.add_argument("--gpu", type=int, default=0, help="CUDA device index (CPU when CUDA is unavailable)")
+    p.add_argument("--port", type=int, default=8081, help="TCP port (default 8081; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--backend", choices=("native", "vllm"), default="native", help="LM backend (default native)")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="CosyVoice2 model directory (release layout). Default: the embedded tiny random model, built once "
+        f"into ${CACHE_ENV} or ~/.cache/cosyvoice_tts",
+    )
+    p.add_argument("--fp16", action="store_true", help="run in float16 (same as --dtype fp16)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="compute dtype (default fp32)")
+    p.add_argument("--max-sessions", type=int, default=16, help="concurrent requests; past it: 'busy' (default 16)")
+    p.add_argument(
+        "--max-connections", type=int, default=0, help="open WebSocket connections (default 4 x --max-sessions)"
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds in-flight requests may take after SIGTERM"
+    )
+    p.add_argument(
+        "--auth-token",
+        default=None,
+        help=f"require 'Authorization: Bearer <token>' on /ws (default: env {AUTH_TOKEN_ENV}; unset: no auth)",
+    )
+    p.add_argument("--max-text-chars", type=int, default=20000, help="characters of text per request")
+    p.add_argument("--max-frame-bytes", type=int, default=256 * 1024, help="largest client frame accepted")
+    p.add_argument(
+        "--text-timeout", type=float, default=60.0, help="seconds a request may wait for its next text message"
+    )
+    p.add_argument("--worker-id", default=None, help="name reported to clients (default host:port)")
+    p.add_argument(
+        "--voices-dir",
+        default=None,
+        help="register zero-shot voices at start: <id>.wav with its transcript in <id>.txt",
+    )
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up synthesis")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    env = os.environ if environ is None else environ
+    a = build_parser().parse_args(argv)
+    dtype = a.dtype or ("fp16" if a.fp16 else "fp32")
+    if a.fp16 and a.dtype not in (None, "fp16"):
+        raise SystemExit("error: --fp16 conflicts with --dtype " + a.dtype)
+    token = a.auth_token if a.auth_token is not None else env.get(AUTH_TOKEN_ENV)
+    cfg = ServerConfig(
+        host=a.host,
+        port=a.port,
+        gpu=a.gpu,
+        backend=a.backend,
+        model_dir=a.model_dir,
+        dtype=dtype,
+        max_sessions=a.max_sessions,
+        max_connections=a.max_connections,
+        drain_timeout=a.drain_timeout,
+        auth_token=token or None,
+        max_text_chars=a.max_text_chars,
+        max_frame_bytes=a.max_frame_bytes,
+        text_timeout=a.text_timeout,
+        worker_id=a.worker_id,
+        voices_dir=a.voices_dir,
+        warmup=not a.no_warmup,
+        log_level=a.log_level.upper(),
+    )
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return cfg
+
+
+def cache_dir(environ: dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    d = env.get(CACHE_ENV)
+    if d:
+        return d
+    return os.path.join(os.path.expanduser("~"), ".cache", "cosyvoice_tts")

@@ -1,0 +1,1 @@
+"""Load-test tool for CosyVoice2 TTS deployments: `python bench/run.py --help`."""

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny random model directory built once per session, and the reference interpreter."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from cosyvoice_tts.tools.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ref_python() -> str:
+    """The interpreter of the upstream reference environment (REF_PYTHON), or skip."""
+    python = os.environ.get("REF_PYTHON")
+    if not python:
+        pytest.skip("REF_PYTHON is not set: parity with the upstream CosyVoice2 code was not checked "
+                    "(scripts/setup_reference_env.sh builds that environment)")
+    if not shutil.which(python) and not Path(python).exists():
+        pytest.skip(f"REF_PYTHON={python} does not exist")
+    probe = subprocess.run([python, "-c", "import cosyvoice.llm.llm, hyperpyyaml"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"REF_PYTHON={python} cannot import the upstream cosyvoice package: {probe.stderr[-300:]}")
+    return python
+
+
+def run_reference(ref_python: str, script: str, *args: str) -> None:
+    path = Path(__file__).parent / "reference" / script
+    result = subprocess.run([ref_python, str(path), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"reference script {script} failed:\n{result.stderr[-3000:]}")
