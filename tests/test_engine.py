@@ -65,13 +65,14 @@ def test_same_seed_same_audio_and_lengths_follow_text(engine):
 
 def test_streaming_mel_equals_one_pass_and_joins_are_smooth(engine, monkeypatch):
     mels = {True: [], False: []}
-    real_vocode = engine.token2wav._vocode
+    real_vocode = engine.token2wav._vocode_batch
 
-    def recording(state, mel, finalize, generator):
-        mels[state.stream].append(mel.clone())
-        return real_vocode(state, mel, finalize, generator)
+    def recording(states, new_mels, finalizes, generators):
+        for state, mel in zip(states, new_mels):
+            mels[state.stream].append(mel.clone())
+        return real_vocode(states, new_mels, finalizes, generators)
 
-    monkeypatch.setattr(engine.token2wav, "_vocode", recording)
+    monkeypatch.setattr(engine.token2wav, "_vocode_batch", recording)
     text = TEXT_EN + " " + TEXT_EN
     streamed, s1 = synth(engine, text, stream=True)
     whole, s2 = synth(engine, text, stream=False)

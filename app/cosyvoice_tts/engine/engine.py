@@ -52,6 +52,7 @@ class Engine:
         self.runner = ModelRunner(self.llm, device, dtype, max_sessions, max_context, use_cuda_graphs)
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
         self.scheduler = Scheduler()
+        self.max_vocoder_batch = max(1, max_sessions)
         self.registered: dict[str, dict] = {}
         self._pending: list[Request] = []
         self._active: list[Request] = []
@@ -243,9 +244,9 @@ class Engine:
             self._lm_extend(request)
         if plan.decode:
             self._lm_decode([r for r in plan.decode if r in self._active])
-        for request in plan.chunks:
-            if request in self._active:
-                self._vocode(request)
+        ready = [r for r in plan.chunks if r in self._active]
+        for start in range(0, len(ready), self.max_vocoder_batch):
+            self._vocode(ready[start:start + self.max_vocoder_batch])
 
     def _lm_extend(self, request: Request) -> None:
         pieces = request.program.take_input()
@@ -285,22 +286,25 @@ class Engine:
         if step.done:
             request.stream.lm_done = True
 
-    def _vocode(self, request: Request) -> None:
-        chunk = request.stream.next_chunk()
-        if chunk is None:
+    def _vocode(self, requests: list[Request]) -> None:
+        items = [(r, r.stream.next_chunk()) for r in requests]
+        items = [(r, c) for r, c in items if c is not None]
+        if not items:
             return
-        audio = self.token2wav.run(request.stream, chunk, generator=request.vocoder_generator)
-        self.counters["chunks"] += 1
-        if audio.size:
-            if request.stats.first_chunk_at is None:
-                request.stats.first_chunk_at = time.monotonic()
-            request.stats.audio_samples += int(audio.size)
-            request.outbox.put(("audio", audio.astype(np.float32, copy=False)))
-        if request.stream.final_emitted:
-            if request.segments:
-                self._start_segment(request)
-            else:
-                self._finish(request, "ok")
+        audios = self.token2wav.run_batch([(r.stream, c, r.vocoder_generator) for r, c in items])
+        self.counters["chunks"] += len(items)
+        now = time.monotonic()
+        for (request, _), audio in zip(items, audios):
+            if audio.size:
+                if request.stats.first_chunk_at is None:
+                    request.stats.first_chunk_at = now
+                request.stats.audio_samples += int(audio.size)
+                request.outbox.put(("audio", audio.astype(np.float32, copy=False)))
+            if request.stream.final_emitted:
+                if request.segments:
+                    self._start_segment(request)
+                else:
+                    self._finish(request, "ok")
 
     # --- endings ------------------------------------------------------------------------------
     def _release(self, request: Request) -> None:

@@ -102,38 +102,59 @@ class Token2Wav:
 
     @torch.inference_mode()
     def run(self, state: StreamState, chunk: Chunk, generator: torch.Generator | None = None) -> np.ndarray:
-        device = self.device
-        tokens = torch.tensor([chunk.tokens], dtype=torch.int32, device=device)
-        prompt_token = state.prompt_token.to(device)
-        prompt_feat = state.prompt_feat.to(device)
-        with torch.autocast(device.type, dtype=self.flow_dtype, enabled=self.flow_dtype != torch.float32):
-            mel, _ = self.flow.inference(
-                token=tokens,
-                token_len=torch.tensor([tokens.shape[1]], dtype=torch.int32, device=device),
-                prompt_token=prompt_token,
-                prompt_token_len=torch.tensor([prompt_token.shape[1]], dtype=torch.int32, device=device),
-                prompt_feat=prompt_feat,
-                prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=torch.int32, device=device),
-                embedding=state.embedding.to(device),
-                streaming=state.stream,
-                finalize=chunk.finalize,
-            )
-        mel = mel.float()[:, :, chunk.token_offset * self.cfg.token_mel_ratio:]
-        if chunk.finalize and state.speed != 1.0 and state.hift_mel is None:
-            mel = F.interpolate(mel, size=int(mel.shape[2] / state.speed), mode="linear")
-        speech = self._vocode(state, mel, chunk.finalize, generator)
-        state.advance(chunk)
-        return speech.squeeze(0).cpu().numpy()
+        return self.run_batch([(state, chunk, generator)])[0]
 
-    def _vocode(self, state: StreamState, mel: torch.Tensor, finalize: bool,
-                generator: torch.Generator | None) -> torch.Tensor:
+    @torch.inference_mode()
+    def run_batch(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]]) -> list[np.ndarray]:
+        """Flow and HiFT for several requests' chunks in one call each; returns each request's new audio."""
+        device = self.device
+        states = [state for state, _, _ in items]
+        chunks = [chunk for _, chunk, _ in items]
+        tokens = _pad_int([c.tokens for c in chunks], device)
+        prompt_tokens = _pad_int([s.prompt_token[0].tolist() for s in states], device)
+        feat_len = max(s.prompt_feat.shape[1] for s in states)
+        prompt_feat = torch.zeros(len(items), feat_len, 80, device=device)
+        for i, s in enumerate(states):
+            prompt_feat[i, : s.prompt_feat.shape[1]] = s.prompt_feat[0].to(device)
+        with torch.autocast(device.type, dtype=self.flow_dtype, enabled=self.flow_dtype != torch.float32):
+            mels = self.flow.inference_batch(
+                token=tokens,
+                token_len=torch.tensor([len(c.tokens) for c in chunks], device=device),
+                prompt_token=prompt_tokens,
+                prompt_token_len=torch.tensor([s.prompt_token.shape[1] for s in states], device=device),
+                prompt_feat=prompt_feat,
+                prompt_feat_len=torch.tensor([s.prompt_feat.shape[1] for s in states], device=device),
+                embedding=torch.cat([s.embedding for s in states]).to(device),
+                streaming=[s.stream for s in states],
+                finalize=[c.finalize for c in chunks],
+            )
+        new_mels = []
+        for state, chunk, mel in zip(states, chunks, mels):
+            mel = mel.float().unsqueeze(0)[:, :, chunk.token_offset * self.cfg.token_mel_ratio:]
+            if chunk.finalize and state.speed != 1.0 and state.hift_mel is None:
+                mel = F.interpolate(mel, size=int(mel.shape[2] / state.speed), mode="linear")
+            new_mels.append(mel)
+        speech = self._vocode_batch(states, new_mels, [c.finalize for c in chunks], [g for _, _, g in items])
+        for state, chunk in zip(states, chunks):
+            state.advance(chunk)
+        return [s.squeeze(0).cpu().numpy() for s in speech]
+
+    def _vocode_batch(self, states, mels, finalizes, generators) -> list[torch.Tensor]:
+        inputs, caches = [], []
+        for state, mel in zip(states, mels):
+            if state.hift_mel is not None:
+                inputs.append(torch.cat([state.hift_mel, mel], dim=2))
+                caches.append(state.hift_source)
+            else:
+                inputs.append(mel)
+                caches.append(None)
+        outputs = self.hift.inference_batch(inputs, caches, generators)
+        return [self._join(state, mel, speech, source, finalize)
+                for state, mel, (speech, source), finalize in zip(states, inputs, outputs, finalizes)]
+
+    def _join(self, state: StreamState, mel: torch.Tensor, speech: torch.Tensor, source: torch.Tensor,
+              finalize: bool) -> torch.Tensor:
         cfg = self.cfg
-        if state.hift_mel is not None:
-            mel = torch.cat([state.hift_mel, mel], dim=2)
-            cache_source = state.hift_source
-        else:
-            cache_source = torch.zeros(1, 1, 0, device=mel.device)
-        speech, source = self.hift.inference(speech_feat=mel, cache_source=cache_source, generator=generator)
         if state.hift_speech is not None:
             speech = self._cross_fade(speech, state.hift_speech)
         if finalize:
@@ -150,3 +171,12 @@ class Token2Wav:
         speech = speech.clone()
         speech[:, :overlap] = speech[:, :overlap] * window[:overlap] + previous_tail[:, -overlap:] * window[overlap:]
         return speech
+
+
+def _pad_int(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.zeros(len(rows), width, dtype=torch.int32)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+    return out.to(device)

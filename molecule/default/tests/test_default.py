@@ -1,0 +1,197 @@
+"""Verify the deployment on the molecule test hosts (testinfra, ansible backend).
+
+Order matters: the static checks first, then a real synthesis through nginx, then scale up/down
+(`test_zz_*`), which changes the cluster.
+"""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import testinfra.utils.ansible_runner
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+PROBE = Path(__file__).with_name("tts_probe.py")
+
+TTS_HOSTS = sorted(RUNNER.get_hosts("tts_gpu"))
+LB_HOSTS = sorted(RUNNER.get_hosts("tts_lb"))
+VENV = "/opt/cosyvoice-tts/venv"
+BASE_PORT = 9000
+
+
+def host(name):
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+
+
+def hvars(name):
+    return RUNNER.get_variables(name)
+
+
+def addr(name):
+    return hvars(name).get("ansible_host", name)
+
+
+def lb_url():
+    return f"ws://{addr(LB_HOSTS[0])}:8080/ws"
+
+
+def probe(on, url, mode, arg, timeout=300):
+    """Run tts_probe.py on test host `on` with the worker venv; returns (rc, parsed JSON or raw output)."""
+    h = host(on)
+    h.run(f"cat > /tmp/tts_probe.py <<'EOF'\n{PROBE.read_text()}\nEOF")
+    r = h.run(f"timeout {timeout} {VENV}/bin/python /tmp/tts_probe.py {url} {mode} {arg}")
+    try:
+        return r.rc, json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return r.rc, r.stdout + r.stderr
+
+
+def upstream_members():
+    h = host(LB_HOSTS[0])
+    text = h.file("/etc/nginx/cosyvoice-tts/upstream-servers.conf").content_string
+    return sorted(line.split()[1].rstrip(";") for line in text.splitlines() if line.startswith("server "))
+
+
+def expected_members(gpus_by_host):
+    return sorted(f"{addr(h)}:{BASE_PORT + g}" for h, gpus in gpus_by_host.items() for g in gpus)
+
+
+def inventory_gpus():
+    return {h: [int(g) for g in hvars(h).get("tts_gpus", [])] for h in TTS_HOSTS}
+
+
+# --------------------------------------------------------------------------------------------- static
+@pytest.mark.parametrize("name", TTS_HOSTS)
+def test_user_and_venv(name):
+    h = host(name)
+    u = h.user("cosyvoice")
+    assert u.exists and u.shell == "/usr/sbin/nologin" and u.home == "/var/lib/cosyvoice-tts"
+    assert u.uid < 1000  # system account
+    assert h.file(f"{VENV}/bin/python").exists
+    assert h.run(f"{VENV}/bin/python -c 'import cosyvoice_tts.server, cosyvoice_tts.client'").rc == 0
+    assert h.file("/opt/cosyvoice-tts/wheelhouse").is_directory
+
+
+@pytest.mark.parametrize("name", TTS_HOSTS)
+def test_unit_and_env_files(name):
+    h = host(name)
+    unit = h.file("/etc/systemd/system/tts@.service")
+    assert unit.exists and unit.user == "root" and unit.mode == 0o644
+    for needle in ("CUDA_VISIBLE_DEVICES=%i", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                   "PrivateTmp=yes", "LimitNOFILE=65536", "User=cosyvoice", "EnvironmentFile=/etc/cosyvoice-tts/tts@%i.env"):
+        assert needle in unit.content_string, needle
+    assert "PrivateDevices=" not in unit.content_string
+    for gpu in inventory_gpus()[name]:
+        env = h.file(f"/etc/cosyvoice-tts/tts@{gpu}.env")
+        assert env.exists and env.mode == 0o640 and env.group == "cosyvoice"
+        assert f"TTS_PORT={BASE_PORT + gpu}" in env.content_string
+
+
+@pytest.mark.parametrize("name", TTS_HOSTS)
+def test_instances_active_listening_ready(name):
+    h = host(name)
+    for gpu in inventory_gpus()[name]:
+        svc = h.service(f"tts@{gpu}")
+        assert svc.is_running and svc.is_enabled
+        port = BASE_PORT + gpu
+        assert h.socket(f"tcp://0.0.0.0:{port}").is_listening
+        r = h.run(f"{VENV}/bin/python -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/readyz').status)\"")
+        assert r.stdout.strip() == "200"
+        # the process runs as the dedicated user
+        pid = h.run(f"systemctl show -p MainPID --value tts@{gpu}").stdout.strip()
+        assert h.run(f"stat -c %U /proc/{pid}").stdout.strip() == "cosyvoice"
+
+
+def test_nginx_config_lists_every_card_of_every_host():
+    h = host(LB_HOSTS[0])
+    assert h.service("nginx").is_running and h.service("nginx").is_enabled
+    assert h.run("nginx -t").rc == 0
+    assert h.socket("tcp://0.0.0.0:8080").is_listening
+    conf = h.file("/etc/nginx/nginx.conf").content_string
+    for needle in ("least_conn;", "zone cosyvoice_tts", "worker_shutdown_timeout", "map $http_upgrade $connection_upgrade",
+                   "proxy_buffering off;", "proxy_read_timeout", "listen 8080;", "location = /ws"):
+        assert needle in conf, needle
+    assert upstream_members() == expected_members(inventory_gpus())
+
+
+# ------------------------------------------------------------------------------------------ synthesis
+def test_synthesis_through_nginx_reaches_workers_on_both_hosts():
+    # the client CLI through the load balancer, from a TTS host
+    h = host(TTS_HOSTS[0])
+    r = h.run(f"timeout 300 {VENV}/bin/python -m cosyvoice_tts.client --url {lb_url()} --text 'Hi.' --out /tmp/lb.wav")
+    assert r.rc == 0, r.stdout + r.stderr
+    assert h.file("/tmp/lb.wav").size > 44
+    # concurrent requests: least_conn spreads them over every worker of both hosts
+    n = sum(len(g) for g in inventory_gpus().values()) * 2
+    rc, out = probe(TTS_HOSTS[0], lb_url(), "spread", n)
+    assert rc == 0, out
+    hosts_reached = {w.split("/")[0] for w in out["workers"]}
+    assert hosts_reached == set(TTS_HOSTS), out
+
+
+# ----------------------------------------------------------------------------------------------- scale
+def run_scale(*args):
+    env = dict(os.environ)
+    cmd = ["ansible-playbook", "-i", INVENTORY, str(PROJECT / "ansible/playbooks/scale.yml"), *args]
+    return subprocess.run(cmd, env=env, cwd=PROJECT, capture_output=True, text=True, timeout=900)
+
+
+def test_zz_scale_rejects_invalid_gpus_before_any_change():
+    before = upstream_members()
+    for bad in ("3-1", "0,x", "-1", "0,,1"):
+        r = run_scale("-e", f"gpus={bad}", "-l", TTS_HOSTS[-1])
+        assert r.returncode != 0, bad
+        assert "gpus must be GPU indices" in r.stdout, r.stdout[-2000:]
+        assert "changed=" in r.stdout and "changed=1" not in r.stdout and "changed=2" not in r.stdout
+    assert upstream_members() == before
+
+
+def test_zz_scale_up_then_down_while_streams_run():
+    target = TTS_HOSTS[-1]
+    gpus = inventory_gpus()
+    new_gpu = max(gpus[target]) + 1
+    up = sorted(gpus[target] + [new_gpu])
+
+    r = run_scale("-e", "gpus=" + ",".join(map(str, up)), "-l", target)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    h = host(target)
+    assert h.service(f"tts@{new_gpu}").is_running
+    assert upstream_members() == expected_members({**gpus, target: up})
+    assert "tts_gpus: " + json.dumps(up) in Path(os.path.dirname(INVENTORY), "host_vars", target).read_text()
+
+    # Streams: one directly on the card that goes away, one through nginx (on whichever card); both
+    # are fed text for ~12 s and must finish with audio although the card is removed meanwhile.
+    other = TTS_HOSTS[0]
+    o = host(other)
+    o.run(f"cat > /tmp/tts_probe.py <<'EOF'\n{PROBE.read_text()}\nEOF")
+    direct = f"ws://{addr(target)}:{BASE_PORT + new_gpu}/ws"
+    o.run(f"rm -f /tmp/direct.json /tmp/vialb.json; "
+          f"(setsid nohup {VENV}/bin/python /tmp/tts_probe.py {direct} slow 12 > /tmp/direct.json 2>&1 &); "
+          f"(setsid nohup {VENV}/bin/python /tmp/tts_probe.py {lb_url()} slow 12 > /tmp/vialb.json 2>&1 &)")
+    time.sleep(3)
+
+    t0 = time.monotonic()
+    r = run_scale("-e", "gpus=" + ",".join(map(str, gpus[target])), "-l", target)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert not h.service(f"tts@{new_gpu}").is_running
+    assert not h.service(f"tts@{new_gpu}").is_enabled
+    assert not h.file(f"/etc/cosyvoice-tts/tts@{new_gpu}.env").exists
+    assert upstream_members() == expected_members(gpus)
+
+    for name in ("direct", "vialb"):
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            out = o.run(f"cat /tmp/{name}.json").stdout.strip()
+            if out:
+                break
+            time.sleep(2)
+        res = json.loads(out.splitlines()[-1])
+        assert res["ok"] and res["outcome"] == "finished" and res["audio_bytes"] > 0, (name, res)
+    # the removed card really waited for its stream: scale-down took at least until it finished
+    assert took > 5, took
