@@ -22,7 +22,7 @@ from .loader import build_modules
 from .model_runner import DecodeRow, ModelRunner
 from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, make_generator
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerConfig
 from .token2wav import StreamConfig, StreamState, Token2Wav
 from .voices import voice_prompt
 
@@ -33,7 +33,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class Engine:
     def __init__(self, model, frontend, device: torch.device, dtype: torch.dtype, max_sessions: int,
-                 max_context: int, use_cuda_graphs: bool = True):
+                 max_context: int, use_cuda_graphs: bool = True, scheduler_config: SchedulerConfig | None = None):
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -51,7 +51,7 @@ class Engine:
                                           token_mel_ratio=int(getattr(model.flow, "token_mel_ratio", 2)))
         self.runner = ModelRunner(self.llm, device, dtype, max_sessions, max_context, use_cuda_graphs)
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(scheduler_config)
         self.max_vocoder_batch = max(1, max_sessions)
         self.registered: dict[str, dict] = {}
         self._pending: list[Request] = []
@@ -60,12 +60,14 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.counters = {"steps": 0, "decode_rows": 0, "chunks": 0}
+        self.counters = {"steps": 0, "decode_rows": 0, "chunks": 0, "extend_s": 0.0, "decode_s": 0.0,
+                         "vocoder_s": 0.0}
 
     # --- construction -----------------------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "fp32", max_sessions: int = 16,
-             max_context: int = 4096, use_cuda_graphs: bool = True) -> "Engine":
+             max_context: int = 4096, use_cuda_graphs: bool = True,
+             scheduler_config: SchedulerConfig | None = None) -> "Engine":
         from .frontend import Frontend
 
         if dtype not in DTYPES:
@@ -74,7 +76,8 @@ class Engine:
         started = time.monotonic()
         model = build_modules(model_dir)
         frontend = Frontend(model_dir, torch_device)
-        engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs)
+        engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs,
+                     scheduler_config)
         log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
         return engine
 
@@ -240,13 +243,20 @@ class Engine:
 
     def _run(self, plan) -> None:
         self.counters["steps"] += 1
+        t0 = time.perf_counter()
         for request in plan.extend:
             self._lm_extend(request)
+        t1 = time.perf_counter()
         if plan.decode:
             self._lm_decode([r for r in plan.decode if r in self._active])
+        t2 = time.perf_counter()
         ready = [r for r in plan.chunks if r in self._active]
         for start in range(0, len(ready), self.max_vocoder_batch):
             self._vocode(ready[start:start + self.max_vocoder_batch])
+        # Each phase ends in a device-to-host copy, so wall time per phase is the device time too.
+        self.counters["extend_s"] += t1 - t0
+        self.counters["decode_s"] += t2 - t1
+        self.counters["vocoder_s"] += time.perf_counter() - t2
 
     def _lm_extend(self, request: Request) -> None:
         pieces = request.program.take_input()

@@ -37,9 +37,10 @@ def batch_ladder(max_batch: int) -> list[int]:
 class _CapturedDecode:
     """One CUDA graph of the decode step for a fixed batch size, with its static input/output buffers."""
 
-    def __init__(self, runner: "ModelRunner", batch: int, pool):
+    def __init__(self, runner: "ModelRunner", batch: int, key_len: int, pool):
         device = runner.device
         self.batch = batch
+        self.key_len = key_len
         self.scratch_slot = runner.cache.scratch_slot
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.slots = torch.full((batch,), runner.cache.scratch_slot, dtype=torch.long, device=device)
@@ -50,10 +51,10 @@ class _CapturedDecode:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.logp = runner._decode_forward(self.tokens, self.slots, self.positions)
+                self.logp = runner._decode_forward(self.tokens, self.slots, self.positions, key_len)
         torch.cuda.current_stream(device).wait_stream(stream)
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logp = runner._decode_forward(self.tokens, self.slots, self.positions)
+            self.logp = runner._decode_forward(self.tokens, self.slots, self.positions, key_len)
 
     def run(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[0]
@@ -77,7 +78,7 @@ class ModelRunner:
         self.cache = KVCache(config.num_hidden_layers, max_sessions, max_len, config.num_key_value_heads,
                              config.head_dim, dtype, device)
         self.max_len = max_len
-        self.graphs: dict[int, _CapturedDecode] = {}
+        self.graphs: dict[tuple[int, int], _CapturedDecode] = {}
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
 
     # --- inputs -----------------------------------------------------------------
@@ -124,7 +125,7 @@ class ModelRunner:
         tokens = torch.tensor([r.token for r in rows], dtype=torch.long)
         slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
         positions = torch.tensor([r.position for r in rows], dtype=torch.long)
-        graph = self._graph_for(len(rows))
+        graph = self._graph_for(len(rows), int(positions.max()) + 1)
         if graph is not None:
             logp = graph.run(tokens.to(self.device, non_blocking=True), slots.to(self.device, non_blocking=True),
                              positions.to(self.device, non_blocking=True))
@@ -136,13 +137,19 @@ class ModelRunner:
         return logp.float().cpu()
 
     # --- CUDA graphs ----------------------------------------------------------------
-    def _graph_for(self, batch: int) -> _CapturedDecode | None:
-        if not self.graphs:
-            return None
-        for size in sorted(self.graphs):
-            if size >= batch:
-                return self.graphs[size]
+    def _graph_for(self, batch: int, key_len: int) -> _CapturedDecode | None:
+        # The smallest captured (batch, context) shape that holds this step; attention cost follows the context.
+        for size, keys in sorted(self.graphs):
+            if size >= batch and keys >= key_len:
+                return self.graphs[(size, keys)]
         return None
+
+    def key_buckets(self) -> list[int]:
+        buckets, keys = [], 256
+        while keys < self.max_len:
+            buckets.append(keys)
+            keys *= 2
+        return buckets + [self.max_len]
 
     @torch.inference_mode()
     def capture(self, max_batch: int) -> None:
@@ -150,5 +157,7 @@ class ModelRunner:
             return
         pool = torch.cuda.graph_pool_handle()
         for size in sorted(batch_ladder(max_batch), reverse=True):
-            self.graphs[size] = _CapturedDecode(self, size, pool)
-        log.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
+            for keys in sorted(self.key_buckets(), reverse=True):
+                self.graphs[(size, keys)] = _CapturedDecode(self, size, keys, pool)
+        log.info("captured %d decode CUDA graphs: batch %s x context %s", len(self.graphs),
+                 batch_ladder(max_batch), self.key_buckets())

@@ -30,6 +30,7 @@ class SchedulerConfig:
     max_extend_tokens: int = 2048  # prompt tokens prefilled per step, so running streams keep stepping
     max_chunks_per_step: int = 4  # vocoder chunks per step while the LM has work
     urgent_ahead_s: float = 1.0  # a stream with less audio than this ahead of playback is served at once
+    max_decode_batch: int | None = None  # None: every runnable request decodes each step (1: per-request path)
 
 
 def is_single_speech_token(request: Request) -> bool:
@@ -49,6 +50,7 @@ def audio_ahead_s(request: Request, now: float) -> float:
 class Scheduler:
     def __init__(self, config: SchedulerConfig | None = None):
         self.config = config or SchedulerConfig()
+        self._turn = 0
 
     def plan(self, active: list[Request]) -> StepPlan:
         plan = StepPlan()
@@ -65,10 +67,19 @@ class Scheduler:
                     plan.extend.append(request)
                     budget -= size
 
+        limit = self.config.max_decode_batch
+        if limit is not None and len(plan.decode) > limit:
+            # Round-robin, so a capped batch still serves every stream in turn.
+            self._turn = (self._turn + limit) % len(plan.decode)
+            rotated = plan.decode[self._turn:] + plan.decode[: self._turn]
+            plan.decode = rotated[:limit]
+
         now = time.monotonic()
         ready = [r for r in active if r.stream is not None and r.stream.next_chunk() is not None]
         ready.sort(key=lambda r: (r.stats.first_chunk_at is not None, audio_ahead_s(r, now)))
-        if not (plan.extend or plan.decode):
+        if self.config.max_decode_batch == 1:
+            plan.chunks = ready[:1]
+        elif not (plan.extend or plan.decode):
             plan.chunks = ready
         else:
             limit = self.config.max_chunks_per_step

@@ -1,0 +1,150 @@
+"""Benchmark the engine in-process: first-chunk latency, real-time factor, stalls, throughput, memory.
+
+    python -m cosyvoice_tts.tools.bench_engine --model-dir DIR --device cuda:0 --dtype bf16 \
+        --concurrency 1,8,16,32,48,64 --duration 20 [--unbatched] [--out results.json]
+
+Each concurrency level runs N closed-loop users for --duration seconds: each user submits a whole-text streaming
+request, reads its audio as it comes, and submits the next when it ends. Latency is from submission (the
+whole text is known then, i.e. "after end of text"). A stall is time a listener playing from the first chunk
+would have spent waiting: a chunk arriving after the audio before it had already played out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine import Engine, SynthesisParams
+from ..engine.errors import EngineError
+from ..engine.scheduler import SchedulerConfig
+
+TWENTY_WORDS = ("Thanks for calling, your order has shipped today and should arrive at your door "
+                "within three business days, anything else?")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def run_request(engine: Engine, text: str, seed: int, voice: str) -> dict:
+    submitted = time.monotonic()
+    request = engine.submit(SynthesisParams(voice=voice, seed=seed, stream=True), text=text)
+    arrivals, delivered, stall = [], 0.0, 0.0
+    first = None
+    for chunk in request:
+        now = time.monotonic()
+        if first is None:
+            first = now
+        else:
+            played_until = first + delivered + stall
+            if now > played_until:
+                stall += now - played_until
+        arrivals.append(now)
+        delivered += chunk.size / engine.sample_rate
+    end = time.monotonic()
+    return {"first_chunk_ms": (first - submitted) * 1000 if first else None, "audio_s": delivered,
+            "wall_s": end - submitted, "rtf": (end - submitted) / delivered if delivered else None,
+            "stall_s": stall, "chunks": len(arrivals), "outcome": request.stats.outcome}
+
+
+def run_level(engine: Engine, users: int, duration: float, text: str, voice: str) -> dict:
+    results: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + duration
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+
+    def user(index: int) -> None:
+        seed = index * 1000
+        while time.monotonic() < deadline:
+            seed += 1
+            try:
+                outcome = run_request(engine, text, seed, voice)
+            except EngineError as exc:
+                with lock:
+                    errors.append(exc.code)
+                time.sleep(0.05)
+                continue
+            with lock:
+                results.append(outcome)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    firsts = [r["first_chunk_ms"] for r in results if r["first_chunk_ms"] is not None]
+    audio = sum(r["audio_s"] for r in results)
+    stalled = [r for r in results if r["stall_s"] > 0.05]
+    summary = {
+        "concurrency": users, "requests": len(results), "errors": errors, "wall_s": round(wall, 2),
+        "first_chunk_ms_p50": percentile(firsts, 50), "first_chunk_ms_p95": percentile(firsts, 95),
+        "first_chunk_ms_max": max(firsts) if firsts else None,
+        "rtf_p50": percentile([r["rtf"] for r in results if r["rtf"]], 50),
+        "audio_s_per_wall_s": round(audio / wall, 2),
+        "streams_with_stall": len(stalled), "stall_s_total": round(sum(r["stall_s"] for r in results), 3),
+        "mean_audio_s": round(statistics.mean([r["audio_s"] for r in results]), 2) if results else None,
+    }
+    if engine.device.type == "cuda":
+        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--max-sessions", type=int, default=0, help="default: the largest concurrency")
+    parser.add_argument("--unbatched", action="store_true",
+                        help="the per-request path: one request's LM step at a time, eager, no CUDA graphs")
+    parser.add_argument("--text", default=TWENTY_WORDS)
+    parser.add_argument("--voice", default="英文女")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    levels = [int(x) for x in args.concurrency.split(",")]
+    max_sessions = args.max_sessions or max(levels)
+    scheduler = SchedulerConfig(max_decode_batch=1) if args.unbatched else None
+    t0 = time.monotonic()
+    engine = Engine.load(args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max_sessions,
+                         use_cuda_graphs=not args.unbatched, scheduler_config=scheduler)
+    load_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    engine.start()
+    capture_s = time.monotonic() - t0
+    for _ in range(2):
+        engine.warmup()
+    report = {"device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+              "dtype": args.dtype, "unbatched": args.unbatched, "load_s": round(load_s, 1),
+              "graph_capture_s": round(capture_s, 1), "text": args.text, "levels": []}
+    print(json.dumps({k: v for k, v in report.items() if k != "levels"}), flush=True)
+    for users in levels:
+        before = dict(engine.counters)
+        summary = run_level(engine, users, args.duration, args.text, args.voice)
+        after = engine.counters
+        summary["engine"] = {k: round(after[k] - before[k], 3) for k in after}
+        report["levels"].append(summary)
+        print(json.dumps(summary), flush=True)
+    engine.shutdown()
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
