@@ -30,9 +30,3 @@ def ref_python() -> str:
         pytest.skip(f"REF_PYTHON={python} cannot import the upstream cosyvoice package: {probe.stderr[-300:]}")
     return python
 
-
-def run_reference(ref_python: str, script: str, *args: str) -> None:
-    path = Path(__file__).parent / "reference" / script
-    result = subprocess.run([ref_python, str(path), *map(str, args)], capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        raise AssertionError(f"reference script {script} failed:\n{result.stderr[-3000:]}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import run_reference
+from refrun import run_reference
 from cosyvoice_tts.engine.kv_cache import KVCache
 from cosyvoice_tts.engine.lm_program import BistreamProgram, WholeTextProgram, pieces_length
 from cosyvoice_tts.engine.loader import build_modules

@@ -19,7 +19,8 @@ from .errors import CapacityError, EngineError, InvalidRequestError, UnknownVoic
 from .kv_cache import CacheFullError
 from .lm_program import BistreamProgram, LMProtocolError, WholeTextProgram, pieces_length
 from .loader import build_modules
-from .model_runner import DecodeRow, ModelRunner
+from .flow_graphs import GraphedCFM
+from .model_runner import DecodeRow, ModelRunner, batch_ladder
 from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, make_generator
 from .scheduler import Scheduler, SchedulerConfig
@@ -33,7 +34,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class Engine:
     def __init__(self, model, frontend, device: torch.device, dtype: torch.dtype, max_sessions: int,
-                 max_context: int, use_cuda_graphs: bool = True, scheduler_config: SchedulerConfig | None = None):
+                 max_context: int, use_cuda_graphs: bool = True, scheduler_config: SchedulerConfig | None = None,
+                 max_graph_frames: int = 1000):
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -50,6 +52,12 @@ class Engine:
         self.stream_config = StreamConfig(pre_lookahead_len=int(getattr(model.flow, "pre_lookahead_len", 3)),
                                           token_mel_ratio=int(getattr(model.flow, "token_mel_ratio", 2)))
         self.runner = ModelRunner(self.llm, device, dtype, max_sessions, max_context, use_cuda_graphs)
+        self.flow_graphs = None
+        if use_cuda_graphs and device.type == "cuda":
+            chunk = int(getattr(self.flow.decoder.estimator, "static_chunk_size", 0) or 50)
+            self.flow_graphs = GraphedCFM(self.flow.decoder, batch_ladder(max_sessions), chunk,
+                                          max_frames=max_graph_frames, dtype=flow_dtype)
+            self.flow.decoder = self.flow_graphs
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
         self.scheduler = Scheduler(scheduler_config)
         self.max_vocoder_batch = max(1, max_sessions)
@@ -85,6 +93,11 @@ class Engine:
         if self._thread is not None:
             return
         self.runner.capture(self.max_sessions)
+        if self.flow_graphs is not None:
+            # The shapes of first chunks and short utterances; longer ones are captured on first use.
+            for batch in [b for b in self.flow_graphs.batch_sizes if b <= 8]:
+                for frames in range(self.flow_graphs.frame_unit, 301, self.flow_graphs.frame_unit):
+                    self.flow_graphs.capture(batch, frames)
         self._thread = threading.Thread(target=self._loop, name="cosyvoice-engine", daemon=True)
         self._thread.start()
 

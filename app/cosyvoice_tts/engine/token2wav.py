@@ -116,7 +116,8 @@ class Token2Wav:
         prompt_feat = torch.zeros(len(items), feat_len, 80, device=device)
         for i, s in enumerate(states):
             prompt_feat[i, : s.prompt_feat.shape[1]] = s.prompt_feat[0].to(device)
-        with torch.autocast(device.type, dtype=self.flow_dtype, enabled=self.flow_dtype != torch.float32):
+        with torch.autocast(device.type, dtype=self.flow_dtype, enabled=self.flow_dtype != torch.float32,
+                            cache_enabled=False):
             mels = self.flow.inference_batch(
                 token=tokens,
                 token_len=torch.tensor([len(c.tokens) for c in chunks], device=device),

@@ -1,0 +1,104 @@
+"""CUDA graphs for the flow's CFM sampler (10 Euler steps x the estimator, classifier-free guided).
+
+Eager, one flow call is launch-bound (about 300 ms on an H100/H200 at full size, whatever the length), which
+alone would blow the first-chunk budget. The sampler has no data-dependent control flow, so each (batch, frames)
+shape is captured once and replayed. Inputs are padded up to a bucket: batch up the engine's ladder, frames
+to a multiple of the estimator's chunk. Padding is exact, not approximate: padded frames are masked out and
+come after every real frame (the estimator's convolutions and chunk attention are causal), and padded rows
+are independent samples.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class _CapturedSampler:
+    def __init__(self, decoder: nn.Module, batch: int, frames: int, n_timesteps: int, dtype: torch.dtype,
+                 device: torch.device, pool):
+        feats = decoder.n_feats
+        self.mu = torch.zeros(batch, feats, frames, dtype=dtype, device=device)
+        self.mask = torch.zeros(batch, 1, frames, dtype=dtype, device=device)
+        self.spks = torch.zeros(batch, feats, dtype=dtype, device=device)
+        self.cond = torch.zeros(batch, feats, frames, dtype=dtype, device=device)
+        self.flags = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+
+        def run():
+            return decoder(mu=self.mu, mask=self.mask, n_timesteps=n_timesteps, spks=self.spks, cond=self.cond,
+                           streaming=self.flags)[0]
+
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = run()
+
+    def __call__(self, mu, mask, spks, cond, flags) -> torch.Tensor:
+        batch, _, frames = mu.shape
+        for static, value in ((self.mu, mu), (self.mask, mask), (self.cond, cond)):
+            static.zero_()
+            static[:batch, :, :frames].copy_(value)
+        self.spks.zero_()
+        self.spks[:batch].copy_(spks)
+        self.flags.zero_()
+        self.flags[:batch].copy_(flags)
+        self.graph.replay()
+        return self.out[:batch, :, :frames]
+
+
+class GraphedCFM(nn.Module):
+    """Drop-in for the flow's `decoder` (same call) that replays captured graphs, eager beyond the buckets."""
+
+    def __init__(self, decoder: nn.Module, batch_sizes: list[int], frame_unit: int, max_frames: int,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.inner = decoder
+        self.batch_sizes = sorted(batch_sizes)
+        self.frame_unit = frame_unit
+        self.max_frames = max_frames
+        self.dtype = dtype
+        self.graphs: dict[tuple[int, int, int], _CapturedSampler] = {}
+        self.pool = None
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def _bucket(self, batch: int, frames: int) -> tuple[int, int] | None:
+        sizes = [b for b in self.batch_sizes if b >= batch]
+        padded = -(-frames // self.frame_unit) * self.frame_unit
+        if not sizes or padded > self.max_frames:
+            return None
+        return sizes[0], padded
+
+    def capture(self, batch: int, frames: int, n_timesteps: int = 10) -> None:
+        bucket = self._bucket(batch, frames)
+        if bucket is None or (*bucket, n_timesteps) in self.graphs:
+            return
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        device = next(self.inner.parameters()).device
+        with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32,
+                                                    cache_enabled=False):
+            self.graphs[(*bucket, n_timesteps)] = _CapturedSampler(self.inner, bucket[0], bucket[1], n_timesteps,
+                                                                   self.dtype, device, self.pool)
+
+    def forward(self, mu, mask, n_timesteps, temperature=1.0, spks=None, cond=None, streaming=False):
+        batch, _, frames = mu.shape
+        bucket = self._bucket(batch, frames)
+        if temperature != 1.0 or bucket is None or not torch.is_tensor(streaming):
+            return self.inner(mu, mask, n_timesteps, temperature, spks, cond, streaming)
+        key = (*bucket, n_timesteps)
+        if key not in self.graphs:
+            log.info("capturing flow sampler graph for batch %d x %d frames", bucket[0], bucket[1])
+            self.capture(batch, frames, n_timesteps)
+        return self.graphs[key](mu, mask, spks, cond, streaming), None

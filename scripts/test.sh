@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Everything the project tests: unit and end-to-end tests (with upstream parity when the reference environment
+# is built), then the Ansible roles on real systemd test hosts (molecule, needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+if [ "${SKIP_REFERENCE:-0}" != 1 ]; then
+    bash scripts/setup_reference_env.sh
+    export REF_PYTHON=$PWD/.venv-ref/bin/python
+fi
+.venv/bin/pytest -q -p no:cacheprovider "$@"
+if [ "${SKIP_MOLECULE:-0}" != 1 ] && [ -x molecule/run.sh ]; then
+    bash molecule/run.sh
+fi
