@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -124,12 +125,14 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "websockets": websockets.__version__,
     }
+    env["git_commit"] = None  # of the bench's checkout; None outside a git checkout
     try:
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-            text=True, timeout=5).stdout.strip() or None
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=5)
+        if r.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", r.stdout.strip()):
+            env["git_commit"] = r.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
+        pass
     return env
 
 

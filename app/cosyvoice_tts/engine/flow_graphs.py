@@ -18,9 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class _CapturedSampler:
-    def __init__(self, decoder: nn.Module, batch: int, frames: int, n_timesteps: int, dtype: torch.dtype,
-                 device: torch.device, pool):
-        feats = decoder.n_feats
+    def __init__(self, decoder: nn.Module, feats: int, batch: int, frames: int, n_timesteps: int,
+                 dtype: torch.dtype, device: torch.device, pool):
         self.mu = torch.zeros(batch, feats, frames, dtype=dtype, device=device)
         self.mask = torch.zeros(batch, 1, frames, dtype=dtype, device=device)
         self.spks = torch.zeros(batch, feats, dtype=dtype, device=device)
@@ -56,10 +55,11 @@ class _CapturedSampler:
 class GraphedCFM(nn.Module):
     """Drop-in for the flow's `decoder` (same call) that replays captured graphs, eager beyond the buckets."""
 
-    def __init__(self, decoder: nn.Module, batch_sizes: list[int], frame_unit: int, max_frames: int,
-                 dtype: torch.dtype):
+    def __init__(self, decoder: nn.Module, mel_bins: int, batch_sizes: list[int], frame_unit: int,
+                 max_frames: int, dtype: torch.dtype):
         super().__init__()
         self.inner = decoder
+        self.mel_bins = mel_bins
         self.batch_sizes = sorted(batch_sizes)
         self.frame_unit = frame_unit
         self.max_frames = max_frames
@@ -89,8 +89,8 @@ class GraphedCFM(nn.Module):
         device = next(self.inner.parameters()).device
         with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32,
                                                     cache_enabled=False):
-            self.graphs[(*bucket, n_timesteps)] = _CapturedSampler(self.inner, bucket[0], bucket[1], n_timesteps,
-                                                                   self.dtype, device, self.pool)
+            self.graphs[(*bucket, n_timesteps)] = _CapturedSampler(self.inner, self.mel_bins, bucket[0], bucket[1],
+                                                                   n_timesteps, self.dtype, device, self.pool)
 
     def forward(self, mu, mask, n_timesteps, temperature=1.0, spks=None, cond=None, streaming=False):
         batch, _, frames = mu.shape

@@ -10,8 +10,10 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from .admission import Admission
 from .config import ServerConfig
+from .dashscope import PATHS as DASHSCOPE_PATHS, DashScopeSession
 from .http import HttpRoutes
 from .metrics import WorkerMetrics
+from .openai_speech import HttpApiServer
 from .session import Session
 
 log = logging.getLogger("cosyvoice_tts.server")
@@ -41,6 +43,7 @@ class WorkerServer:
         self.sessions: set[Session] = set()
         self.worker_id = cfg.worker_id or "?"
         self.http = HttpRoutes(self)
+        self.http_api: HttpApiServer | None = None  # POST /v1/audio/speech on cfg.http_port (openai_speech.py)
         self._server: Server | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -62,8 +65,19 @@ class WorkerServer:
             ping_timeout=20,
             compression=None,  # audio does not compress; saves CPU
         )
+        if self.cfg.http_port is not None:
+            self.http_api = HttpApiServer(self)
+            try:
+                await self.http_api.start(self.cfg.host, self.cfg.http_port)
+            except OSError:
+                self.http_api = None
+                self._server.close()
+                await self._server.wait_closed()
+                raise
         self.worker_id = self.cfg.default_worker_id(self.port)
         log.info("listening on %s:%d (worker %s)", self.cfg.host, self.port, self.worker_id)
+        if self.http_api is not None:
+            log.info("http api: POST /v1/audio/speech at http://%s:%d", self.cfg.host, self.http_api.port)
 
     @property
     def port(self) -> int:
@@ -104,7 +118,8 @@ class WorkerServer:
             self._idle.set()
 
     async def _handle(self, ws: ServerConnection) -> None:
-        session = Session(self, ws)
+        path = ws.request.path.split("?", 1)[0] if ws.request is not None else ""
+        session = DashScopeSession(self, ws) if path in DASHSCOPE_PATHS else Session(self, ws)
         self.sessions.add(session)
         self.metrics.connections_active.set(len(self.sessions))
         try:
@@ -143,6 +158,8 @@ class WorkerServer:
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
+        if self.http_api is not None:
+            await self.http_api.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

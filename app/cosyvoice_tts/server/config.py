@@ -15,6 +15,7 @@ CACHE_ENV = "COSYVOICE_TTS_CACHE"
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8081
+    http_port: int | None = None  # HTTP API listener (POST /v1/audio/speech); None: none; 0: a free port
     gpu: int = 0
     backend: str = "native"
     model_dir: str | None = None
@@ -41,6 +42,8 @@ class ServerConfig:
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("--port must be in 0..65535")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError("--http-port must be in 0..65535 (default --port + 1000)")
         if self.backend not in ("native", "vllm"):
             raise ValueError("--backend must be native or vllm")
         if self.dtype not in ("fp32", "fp16", "bf16"):
@@ -57,10 +60,18 @@ class ServerConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cosyvoice_tts.server",
-        description="Per-GPU CosyVoice2 streaming TTS worker: WebSocket /ws, plus GET /healthz /readyz /metrics.",
+        description="Per-GPU CosyVoice2 streaming TTS worker: WebSocket /ws and /api-ws/v1/inference (DashScope), "
+        "GET /healthz /readyz /metrics; POST /v1/audio/speech on --http-port.",
     )
     p.add_argument("--gpu", type=int, default=0, help="CUDA device index (CPU when CUDA is unavailable)")
     p.add_argument("--port", type=int, default=8081, help="TCP port (default 8081; 0 picks a free one)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="HTTP API port for POST /v1/audio/speech (default --port + 1000; a free one with --port 0; "
+        "-1: no HTTP API listener)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--backend", choices=("native", "vllm"), default="native", help="LM backend (default native)")
     p.add_argument(
@@ -106,9 +117,14 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     if a.fp16 and a.dtype not in (None, "fp16"):
         raise SystemExit("error: --fp16 conflicts with --dtype " + a.dtype)
     token = a.auth_token if a.auth_token is not None else env.get(AUTH_TOKEN_ENV)
+    if a.http_port is None:
+        http_port: int | None = a.port + 1000 if a.port else 0
+    else:
+        http_port = None if a.http_port < 0 else a.http_port
     cfg = ServerConfig(
         host=a.host,
         port=a.port,
+        http_port=http_port,
         gpu=a.gpu,
         backend=a.backend,
         model_dir=a.model_dir,

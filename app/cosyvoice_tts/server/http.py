@@ -9,6 +9,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .auth import check_bearer
+from .dashscope import PATHS as DASHSCOPE_PATHS
 
 if TYPE_CHECKING:
     from .app import WorkerServer
@@ -49,7 +50,7 @@ class HttpRoutes:
             resp = connection.respond(HTTPStatus.OK, body.decode("utf-8"))
             _set_header(resp, "Content-Type", content_type)
             return resp
-        if path in ("/ws", "/ws/"):
+        if path in ("/ws", "/ws/") or path in DASHSCOPE_PATHS:
             if not check_bearer(srv.cfg.auth_token, request.headers.get("Authorization")):
                 srv.metrics.errors.labels("unauthorized").inc()
                 log.warning("refused /ws from %s: missing or wrong bearer token", _peer(connection))
@@ -65,7 +66,9 @@ class HttpRoutes:
                     {"code": "busy", "message": f"at most {srv.cfg.max_connections} connections per worker"},
                 )  # fmt: skip
             return None  # go on with the WebSocket handshake
-        return connection.respond(HTTPStatus.NOT_FOUND, "not found: use /ws, /healthz, /readyz or /metrics\n")
+        return connection.respond(
+            HTTPStatus.NOT_FOUND, "not found: use /ws, /api-ws/v1/inference, /healthz, /readyz or /metrics\n"
+        )
 
 
 def _peer(connection: Any) -> str:

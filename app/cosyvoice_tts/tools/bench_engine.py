@@ -153,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         report["flow_graph_vs_eager_max_abs_diff"] = check_flow_graphs(engine)
     print(json.dumps({k: v for k, v in report.items() if k != "levels"}), flush=True)
     for users in levels:
-        before = dict(engine.counters)
+        keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "vocoder_s")
+        before = engine.stats()
         summary = run_level(engine, users, args.duration, args.text, args.voice)
-        after = engine.counters
-        summary["engine"] = {k: round(after[k] - before[k], 3) for k in after}
+        after = engine.stats()
+        summary["engine"] = {k: round(after[k] - before[k], 3) for k in keys}
         report["levels"].append(summary)
         print(json.dumps(summary), flush=True)
     engine.shutdown()

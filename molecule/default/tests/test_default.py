@@ -134,11 +134,50 @@ def test_synthesis_through_nginx_reaches_workers_on_both_hosts():
     assert hosts_reached == set(TTS_HOSTS), out
 
 
+# ------------------------------------------------------------------------------------- rolling restart
+def run_playbook(name, *args):
+    cmd = ["ansible-playbook", "-i", INVENTORY, str(PROJECT / "ansible/playbooks" / name), *args]
+    return subprocess.run(cmd, env=dict(os.environ), cwd=PROJECT, capture_output=True, text=True, timeout=900)
+
+
+def journal_times(name, gpu, since):
+    """(start, ready) unix times of the first start of tts@gpu after `since` and of its 'ready' log line."""
+    out = host(name).run(f"journalctl -u tts@{gpu} -o short-unix --no-pager --since @{int(since)}").stdout
+    start = ready = None
+    for line in out.splitlines():
+        parts = line.split(None, 1)
+        try:
+            ts = float(parts[0])
+        except (ValueError, IndexError):
+            continue
+        if start is None and "Started tts@" in line:
+            start = ts
+        elif start is not None and ready is None and " ready: " in line:
+            ready = ts
+    return start, ready
+
+
+def test_y_config_change_restarts_one_instance_of_the_cluster_at_a_time():
+    t0 = time.time() - 1
+    r = run_playbook("site.yml", "-e", "tts_gpu_max_sessions=5")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    times = []
+    for name, gpus in inventory_gpus().items():
+        for gpu in gpus:
+            assert "--max-sessions 5 " in host(name).file(f"/etc/cosyvoice-tts/tts@{gpu}.env").content_string
+            start, ready = journal_times(name, gpu, t0)
+            assert start is not None and ready is not None, (name, gpu)
+            times.append((start, ready, f"{name}/tts@{gpu}"))
+    times.sort()
+    # each restart began only after the previous restarted instance was warm again
+    for (s1, r1, a), (s2, _r2, b) in zip(times, times[1:]):
+        assert r1 <= s2, f"{b} restarted at {s2} before {a} was ready at {r1}"
+    assert host(LB_HOSTS[0]).run("nginx -t").rc == 0
+
+
 # ----------------------------------------------------------------------------------------------- scale
 def run_scale(*args):
-    env = dict(os.environ)
-    cmd = ["ansible-playbook", "-i", INVENTORY, str(PROJECT / "ansible/playbooks/scale.yml"), *args]
-    return subprocess.run(cmd, env=env, cwd=PROJECT, capture_output=True, text=True, timeout=900)
+    return run_playbook("scale.yml", *args)
 
 
 def test_zz_scale_rejects_invalid_gpus_before_any_change():
