@@ -8,7 +8,10 @@ if [ "${SKIP_REFERENCE:-0}" != 1 ]; then
     bash scripts/setup_reference_env.sh
     export REF_PYTHON=$PWD/.venv-ref/bin/python
 fi
+if [ "${SKIP_MOLECULE:-0}" != 1 ]; then
+    bash molecule/run.sh setup  # deploy tools first: the nginx template test renders with ansible-playbook
+fi
 .venv/bin/pytest -q -p no:cacheprovider "$@"
-if [ "${SKIP_MOLECULE:-0}" != 1 ] && [ -x molecule/run.sh ]; then
+if [ "${SKIP_MOLECULE:-0}" != 1 ]; then
     bash molecule/run.sh
 fi

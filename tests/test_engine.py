@@ -133,11 +133,11 @@ def test_cancel_frees_state(engine):
 
 def test_bistream_audio_before_text_ends(engine):
     request = engine.submit(SynthesisParams(voice="英文女", seed=9))
-    words = (TEXT_EN + " " + TEXT_EN + " " + TEXT_EN).split()
+    words = ((TEXT_EN + " ") * 12).split()  # far more text than the first chunk needs
     got_early = False
     for word in words:
         request.push_text(word + " ")
-        time.sleep(0.02)
+        time.sleep(0.05)
         if request.stats.first_chunk_at is not None:
             got_early = True
             break

@@ -75,6 +75,17 @@ def test_mp3_unavailable_is_reported(monkeypatch):
     assert O.parse_speech_request(BODY).response_format == "pcm"
 
 
+def test_http_port_flag():
+    from cosyvoice_tts.server.config import parse_args
+
+    assert parse_args([], environ={}).http_port == 9081  # --port + 1000
+    assert parse_args(["--port", "0"], environ={}).http_port == 0  # a free port, like --port 0
+    assert parse_args(["--http-port", "7000"], environ={}).http_port == 7000
+    assert parse_args(["--http-port", "-1"], environ={}).http_port is None  # no HTTP API listener
+    with pytest.raises(SystemExit):
+        parse_args(["--port", "65000"], environ={})  # 66000 does not exist: say so instead of guessing
+
+
 def test_error_body_shape():
     assert json.loads(O.error_body("busy", "full")) == {
         "error": {"message": "full", "type": "server_error", "param": None, "code": "busy"}}  # fmt: skip

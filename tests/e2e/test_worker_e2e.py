@@ -9,6 +9,7 @@ import json
 import re
 import wave
 
+import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
@@ -215,8 +216,11 @@ def test_eight_concurrent_sessions_each_get_their_own_audio(worker):
         assert len(audio) / 2 / 24000 == pytest.approx(fin["stats"]["audio_s"], abs=0.01)
         assert fin["stats"]["chars"] == len(texts[i])
     assert len({a for a, _ in results}) == 8  # no two sessions got the same audio
-    # the same request alone and among 7 others gives the same audio (the same seed, text and voice)
-    assert results[0][0] == alone[0]
+    # the same request alone and among 7 others gives the same audio (the same seed, text and voice); batched
+    # float kernels may round differently, so allow one or two 16-bit steps, nothing audible
+    batched, single = np.frombuffer(results[0][0], "<i2"), np.frombuffer(alone[0], "<i2")
+    assert batched.shape == single.shape
+    assert np.abs(batched.astype(np.int32) - single.astype(np.int32)).max() <= 2
     assert worker.metric("cosyvoice_tts_sessions_active") == 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -56,8 +57,8 @@ class Engine:
         self.flow_graphs = None
         if use_cuda_graphs and device.type == "cuda":
             chunk = int(getattr(self.flow.decoder.estimator, "static_chunk_size", 0) or 50)
-            self.flow_graphs = GraphedCFM(self.flow.decoder, int(self.flow.output_size), batch_ladder(max_sessions), chunk,
-                                          max_frames=max_graph_frames, dtype=flow_dtype)
+            self.flow_graphs = GraphedCFM(self.flow.decoder, int(self.flow.output_size), batch_ladder(max_sessions),
+                                          chunk, max_frames=max_graph_frames, dtype=flow_dtype)
             self.flow.decoder = self.flow_graphs
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
         self.scheduler = Scheduler(scheduler_config)
@@ -197,6 +198,9 @@ class Engine:
     # --- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        # Two Python threads share the GIL (LM loop, vocoder); a short switch interval keeps either from
+        # waiting the default 5 ms for it after each of its GPU waits.
+        sys.setswitchinterval(0.0005)
         while not self._stopping:
             self._wake.clear()
             self._collect_vocoded()
@@ -206,6 +210,10 @@ class Engine:
             lm_work = bool(plan.extend or plan.decode)
             vocode = bool(plan.chunks) and self.vocoder.idle
             if not lm_work and not vocode:
+                if not self._active and not self._pending and self.vocoder.idle and self.flow_graphs is not None \
+                        and self.flow_graphs.missing:
+                    self.flow_graphs.capture_missing(limit=1)  # idle: nothing else is on the GPU
+                    continue
                 self._wake.wait()
                 continue
             if vocode:
