@@ -108,13 +108,15 @@ class VllmEngine(Engine):
 
     def __init__(self, model, frontend, device, dtype, max_sessions, max_context, export: ExportInfo | None,
                  dtype_name: str, vllm_options: dict | None = None, scheduler_config=None,
-                 client_factory: Callable[["VllmEngine"], LMClient] | None = None):
+                 client_factory: Callable[["VllmEngine"], LMClient] | None = None, use_cuda_graphs: bool = True):
         # The LM body runs on the server: keep only the embeddings here (sos/task, text, speech), so there is no
         # second copy of the decoder layers and the native KV cache is one position long.
         body = model.llm.llm.model.model
         body.layers = nn.ModuleList()
-        super().__init__(model, frontend, device, dtype, max_sessions, max_context=1, use_cuda_graphs=False,
+        # CUDA graphs stay on for the flow; the native LM decode step is never run, so it is never captured.
+        super().__init__(model, frontend, device, dtype, max_sessions, max_context=1, use_cuda_graphs=use_cuda_graphs,
                          scheduler_config=scheduler_config)
+        self.runner.use_cuda_graphs = False
         self.max_context = max_context
         self.export = export
         self.dtype_name = dtype_name
@@ -135,8 +137,8 @@ class VllmEngine(Engine):
              max_context: int = 4096, use_cuda_graphs: bool = True, scheduler_config=None,
              export_dir: str | Path | None = None, vllm_options: dict | None = None,
              client_factory: Callable[["VllmEngine"], LMClient] | None = None, **_ignored) -> "VllmEngine":
-        """Engine.load's arguments (use_cuda_graphs is vLLM's business), plus where the export goes, extra vLLM
-        engine arguments, and (tests) a client factory that replaces vLLM."""
+        """Engine.load's arguments (use_cuda_graphs: the flow's; the LM's graphs are vLLM's business), plus where
+        the export goes, extra vLLM engine arguments, and (tests) a client factory that replaces vLLM."""
         from ..engine.frontend import Frontend
         from ..engine.loader import build_modules
 
@@ -146,15 +148,19 @@ class VllmEngine(Engine):
             require_vllm()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        torch_device = torch.device(device)
+        if client_factory is None and torch_device.type == "cuda" and (torch_device.index or 0) != 0:
+            # vLLM's worker always takes the first visible GPU; our stages must share it.
+            raise ValueError(f"--backend vllm uses the first visible GPU: run this worker with "
+                             f"CUDA_VISIBLE_DEVICES={torch_device.index} and device cuda:0 (got {device})")
         started = time.monotonic()
         export = None
         if client_factory is None:
             export = ensure_export(model_dir, export_dir or os.environ.get(ENV_EXPORT_DIR) or None)
-        torch_device = torch.device(device)
         model = build_modules(model_dir)
         frontend = Frontend(model_dir, torch_device)
         engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, export, dtype,
-                     vllm_options, scheduler_config, client_factory)
+                     vllm_options, scheduler_config, client_factory, use_cuda_graphs)
         engine._start_client()
         log.info("loaded %s on %s (%s, LM on vLLM %s, sampling %s) in %.1f s", model_dir, device, dtype,
                  engine.vllm_version, engine.sampling_kind, time.monotonic() - started)
