@@ -75,9 +75,17 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "fp32", max_sessions: int = 16,
              max_context: int = 4096, use_cuda_graphs: bool = True,
-             scheduler_config: SchedulerConfig | None = None) -> "Engine":
+             scheduler_config: SchedulerConfig | None = None, backend: str = "native") -> "Engine":
         from .frontend import Frontend
 
+        if backend == "vllm" and cls is Engine:
+            from ..vllm_backend import VllmEngine
+
+            return VllmEngine.load(model_dir, device=device, dtype=dtype, max_sessions=max_sessions,
+                                   max_context=max_context, use_cuda_graphs=use_cuda_graphs,
+                                   scheduler_config=scheduler_config)
+        if backend not in ("native", "vllm"):
+            raise ValueError(f"unknown backend {backend!r} (native or vllm)")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         torch_device = torch.device(device)
@@ -179,7 +187,8 @@ class Engine:
 
     def stats(self) -> dict:
         out = {"active_requests": self.active_count(), "max_sessions": self.max_sessions,
-               "kv_cache_bytes": self.runner.cache.bytes, **self.counters}
+               "kv_cache_bytes": self.runner.cache.bytes, **self.counters,
+               "info": {"backend": "native", "sampling": "ras"}}
         if self.device.type == "cuda":
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
             out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.device)

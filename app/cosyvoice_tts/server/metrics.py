@@ -51,6 +51,13 @@ class _EngineCollector:
             fam = GaugeMetricFamily(name, f"engine.stats()[{key!r}]")
             fam.add_metric([], float(value))
             yield fam
+        info = stats.get("info")
+        if isinstance(info, dict) and info:
+            # Which LM backend and sampler serve here, so dashboards can tell a voice-exact card from another.
+            keys = sorted(info)
+            fam = GaugeMetricFamily(f"{PREFIX}_engine_info", "LM backend and sampling", labels=keys)
+            fam.add_metric([str(info[k]) for k in keys], 1.0)
+            yield fam
 
 
 class WorkerMetrics:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
 import inspect
 import logging
 from pathlib import Path
@@ -45,11 +44,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def check_backend(backend: str) -> None:
-    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise StartupError(
-            "--backend vllm: the 'vllm' package is not importable in this environment "
-            "(install vLLM, or use --backend native)"
-        )
+    if backend != "vllm":
+        return
+    from ..vllm_backend import vllm_unavailable_reason
+
+    reason = vllm_unavailable_reason()
+    if reason:
+        raise StartupError(f"--backend vllm: {reason} (install vLLM, or use --backend native)")
 
 
 def _make_model_fingerprint() -> str:
