@@ -66,6 +66,9 @@ class GraphedCFM(nn.Module):
         self.dtype = dtype
         self.graphs: dict[tuple[int, int, int], _CapturedSampler] = {}
         self.pool = None
+        # Shapes met while serving that have no graph yet: they run eagerly, and the engine captures them
+        # when it is idle (capturing while the LM thread launches kernels would corrupt the capture).
+        self.missing: set[tuple[int, int, int]] = set()
 
     def __getattr__(self, name):
         try:
@@ -99,7 +102,16 @@ class GraphedCFM(nn.Module):
             return self.inner(mu, mask, n_timesteps, temperature, spks, cond, streaming)
         key = (*bucket, n_timesteps)
         if key not in self.graphs:
-            # Captured on first use, on the engine thread (the only thread that runs the model), once per shape.
-            log.info("capturing flow sampler graph for batch %d x %d frames", bucket[0], bucket[1])
-            self.capture(batch, frames, n_timesteps)
+            self.missing.add(key)
+            return self.inner(mu, mask, n_timesteps, temperature, spks, cond, streaming)
         return self.graphs[key](mu, mask, spks, cond, streaming), None
+
+    def capture_missing(self, limit: int = 1) -> int:
+        """Capture up to `limit` shapes seen while serving; call only while no other thread uses the GPU."""
+        done = 0
+        while self.missing and done < limit:
+            batch, frames, steps = self.missing.pop()
+            log.info("capturing flow sampler graph for batch %d x %d frames", batch, frames)
+            self.capture(batch, frames, steps)
+            done += 1
+        return done

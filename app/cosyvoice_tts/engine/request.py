@@ -99,6 +99,7 @@ class Request:
         self.bistream = False
         self.generator = None
         self.error: EngineError | None = None
+        self.vocoding = False  # a chunk of this request is with the vocoder worker
 
     # --- caller side ----------------------------------------------------------------
     def push_text(self, text: str) -> None:

@@ -28,8 +28,6 @@ class StepPlan:
 @dataclass
 class SchedulerConfig:
     max_extend_tokens: int = 2048  # prompt tokens prefilled per step, so running streams keep stepping
-    max_chunks_per_step: int = 4  # vocoder chunks per step while the LM has work
-    urgent_ahead_s: float = 1.0  # a stream with less audio than this ahead of playback is served at once
     max_decode_batch: int | None = None  # None: every runnable request decodes each step (1: per-request path)
 
 
@@ -75,14 +73,8 @@ class Scheduler:
             plan.decode = rotated[:limit]
 
         now = time.monotonic()
-        ready = [r for r in active if r.stream is not None and r.stream.next_chunk() is not None]
+        ready = [r for r in active
+                 if r.stream is not None and not r.vocoding and r.stream.next_chunk() is not None]
         ready.sort(key=lambda r: (r.stats.first_chunk_at is not None, audio_ahead_s(r, now)))
-        if self.config.max_decode_batch == 1:
-            plan.chunks = ready[:1]
-        elif not (plan.extend or plan.decode):
-            plan.chunks = ready
-        else:
-            limit = self.config.max_chunks_per_step
-            plan.chunks = [r for i, r in enumerate(ready)
-                           if i < limit or audio_ahead_s(r, now) < self.config.urgent_ahead_s]
+        plan.chunks = ready[:1] if self.config.max_decode_batch == 1 else ready
         return plan
