@@ -1,6 +1,7 @@
 """Verify the deployment on the molecule test hosts (testinfra, ansible backend).
 
-Order matters: the static checks first, then a real synthesis through nginx, then scale up/down
+Order matters: the static checks first, then real syntheses through nginx (the worker protocol on /ws,
+the cloud protocol on /api-ws/v1/inference, OpenAI-style POST /v1/audio/speech), then scale up/down
 (`test_zz_*`), which changes the cluster.
 """
 
@@ -17,11 +18,13 @@ INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
 PROBE = Path(__file__).with_name("tts_probe.py")
+LB_PROBE = Path(__file__).with_name("lb_probe.py")
 
 TTS_HOSTS = sorted(RUNNER.get_hosts("tts_gpu"))
 LB_HOSTS = sorted(RUNNER.get_hosts("tts_lb"))
 VENV = "/opt/cosyvoice-tts/venv"
 BASE_PORT = 9000
+HTTP_PORT_OFFSET = 1000  # the workers' HTTP API (POST /v1/audio/speech) is on port + 1000
 
 
 def host(name):
@@ -51,14 +54,28 @@ def probe(on, url, mode, arg, timeout=300):
         return r.rc, r.stdout + r.stderr
 
 
-def upstream_members():
+def upstream_members(http=False):
+    """Members of the WebSocket upstream, or (http=True) of the HTTP API upstream."""
     h = host(LB_HOSTS[0])
-    text = h.file("/etc/nginx/cosyvoice-tts/upstream-servers.conf").content_string
+    name = "upstream-http-servers.conf" if http else "upstream-servers.conf"
+    text = h.file(f"/etc/nginx/cosyvoice-tts/{name}").content_string
     return sorted(line.split()[1].rstrip(";") for line in text.splitlines() if line.startswith("server "))
 
 
-def expected_members(gpus_by_host):
-    return sorted(f"{addr(h)}:{BASE_PORT + g}" for h, gpus in gpus_by_host.items() for g in gpus)
+def expected_members(gpus_by_host, http=False):
+    offset = HTTP_PORT_OFFSET if http else 0
+    return sorted(f"{addr(h)}:{BASE_PORT + g + offset}" for h, gpus in gpus_by_host.items() for g in gpus)
+
+
+def lb_probe(*args, timeout=300):
+    """Run lb_probe.py on the load balancer with its system python3; returns (rc, parsed JSON or raw output)."""
+    h = host(LB_HOSTS[0])
+    h.run(f"cat > /tmp/lb_probe.py <<'EOF'\n{LB_PROBE.read_text()}\nEOF")
+    r = h.run(f"timeout {timeout} python3 /tmp/lb_probe.py " + " ".join(args))
+    try:
+        return r.rc, json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return r.rc, r.stdout + r.stderr
 
 
 def inventory_gpus():
@@ -83,13 +100,15 @@ def test_unit_and_env_files(name):
     unit = h.file("/etc/systemd/system/tts@.service")
     assert unit.exists and unit.user == "root" and unit.mode == 0o644
     for needle in ("CUDA_VISIBLE_DEVICES=%i", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                   "PrivateTmp=yes", "LimitNOFILE=65536", "User=cosyvoice", "EnvironmentFile=/etc/cosyvoice-tts/tts@%i.env"):
+                   "PrivateTmp=yes", "LimitNOFILE=65536", "User=cosyvoice", "EnvironmentFile=/etc/cosyvoice-tts/tts@%i.env",
+                   "--port ${TTS_PORT} --http-port ${TTS_HTTP_PORT} "):
         assert needle in unit.content_string, needle
     assert "PrivateDevices=" not in unit.content_string
     for gpu in inventory_gpus()[name]:
         env = h.file(f"/etc/cosyvoice-tts/tts@{gpu}.env")
         assert env.exists and env.mode == 0o640 and env.group == "cosyvoice"
-        assert f"TTS_PORT={BASE_PORT + gpu}" in env.content_string
+        assert f"TTS_PORT={BASE_PORT + gpu}\n" in env.content_string
+        assert f"TTS_HTTP_PORT={BASE_PORT + gpu + HTTP_PORT_OFFSET}\n" in env.content_string
 
 
 @pytest.mark.parametrize("name", TTS_HOSTS)
@@ -100,6 +119,7 @@ def test_instances_active_listening_ready(name):
         assert svc.is_running and svc.is_enabled
         port = BASE_PORT + gpu
         assert h.socket(f"tcp://0.0.0.0:{port}").is_listening
+        assert h.socket(f"tcp://0.0.0.0:{port + HTTP_PORT_OFFSET}").is_listening  # POST /v1/audio/speech
         r = h.run(f"{VENV}/bin/python -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/readyz').status)\"")
         assert r.stdout.strip() == "200"
         # the process runs as the dedicated user
@@ -114,9 +134,13 @@ def test_nginx_config_lists_every_card_of_every_host():
     assert h.socket("tcp://0.0.0.0:8080").is_listening
     conf = h.file("/etc/nginx/nginx.conf").content_string
     for needle in ("least_conn;", "zone cosyvoice_tts", "worker_shutdown_timeout", "map $http_upgrade $connection_upgrade",
-                   "proxy_buffering off;", "proxy_read_timeout", "listen 8080;", "location = /ws"):
+                   "proxy_buffering off;", "proxy_read_timeout", "listen 8080;", "location = /ws",
+                   "location ~ ^/api-ws/v1/inference/?$", "location ~ ^/v1/audio/speech/?$", "zone cosyvoice_tts_http",
+                   "include /etc/nginx/cosyvoice-tts/upstream-http-servers.conf;", "keepalive 64;",
+                   'proxy_set_header Connection "";'):
         assert needle in conf, needle
     assert upstream_members() == expected_members(inventory_gpus())
+    assert upstream_members(http=True) == expected_members(inventory_gpus(), http=True)
 
 
 # ------------------------------------------------------------------------------------------ synthesis
@@ -132,6 +156,45 @@ def test_synthesis_through_nginx_reaches_workers_on_both_hosts():
     assert rc == 0, out
     hosts_reached = {w.split("/")[0] for w in out["workers"]}
     assert hosts_reached == set(TTS_HOSTS), out
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/speech", "/v1/audio/speech/"])
+@pytest.mark.parametrize("fmt", ["pcm", "wav"])
+def test_openai_speech_through_nginx(fmt, path):
+    # a real POST from the load balancer host to nginx; the body streams from a worker's HTTP API port
+    rc, out = lb_probe("speech", f"http://127.0.0.1:8080{path}", fmt)
+    assert rc == 0, out
+    assert isinstance(out, dict) and out["status"] == 200, out
+    assert out["content_type"] == {"pcm": "audio/pcm", "wav": "audio/wav"}[fmt], out
+    assert out["request_id"], out
+    if fmt == "pcm":
+        assert out["bytes"] > 0 and out["bytes"] % 2 == 0, out  # s16le samples
+    else:
+        assert out["head"] == b"RIFF".hex() and out["bytes"] > 44, out
+
+
+def test_openai_speech_errors_come_through_nginx():
+    # the worker's own answers (OpenAI's error shape), not nginx pages
+    rc, out = lb_probe("error", "POST", "http://127.0.0.1:8080/v1/audio/speech")
+    assert rc == 0 and out["status"] == 400 and out["code"] == "missing_field", out
+    rc, out = lb_probe("error", "GET", "http://127.0.0.1:8080/v1/audio/speech")
+    assert rc == 0 and out["status"] == 405 and out["allow"] == "POST", out
+
+
+@pytest.mark.parametrize("path", ["/api-ws/v1/inference", "/api-ws/v1/inference/"])
+def test_cloud_protocol_handshake_through_nginx(path):
+    rc, out = lb_probe("handshake", f"http://127.0.0.1:8080{path}")
+    assert rc == 0, out
+    assert isinstance(out, dict) and out["status"] == 101, out
+    assert out["upgrade"].lower() == "websocket" and out["accept_ok"], out
+
+
+def test_cloud_protocol_tasks_through_nginx():
+    # the cloud protocol as the dashscope SDK speaks it, two tasks on one connection, from a TTS host
+    rc, out = probe(TTS_HOSTS[0], f"ws://{addr(LB_HOSTS[0])}:8080/api-ws/v1/inference", "dashscope", 2)
+    assert rc == 0, out
+    assert out["ok"] == 2 and all(n > 0 for n in out["audio_bytes"]), out
+    assert {"task-started", "result-generated", "task-finished"} <= set(out["events"]), out
 
 
 # ------------------------------------------------------------------------------------- rolling restart
@@ -181,13 +244,13 @@ def run_scale(*args):
 
 
 def test_zz_scale_rejects_invalid_gpus_before_any_change():
-    before = upstream_members()
+    before = upstream_members(), upstream_members(http=True)
     for bad in ("3-1", "0,x", "-1", "0,,1"):
         r = run_scale("-e", f"gpus={bad}", "-l", TTS_HOSTS[-1])
         assert r.returncode != 0, bad
         assert "gpus must be GPU indices" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
         assert "changed=0" in r.stdout and not any(f"changed={i}" in r.stdout for i in range(1, 10))
-    assert upstream_members() == before
+    assert (upstream_members(), upstream_members(http=True)) == before
 
 
 def test_zz_scale_up_then_down_while_streams_run():
@@ -201,6 +264,8 @@ def test_zz_scale_up_then_down_while_streams_run():
     h = host(target)
     assert h.service(f"tts@{new_gpu}").is_running
     assert upstream_members() == expected_members({**gpus, target: up})
+    assert upstream_members(http=True) == expected_members({**gpus, target: up}, http=True)
+    assert h.socket(f"tcp://0.0.0.0:{BASE_PORT + new_gpu + HTTP_PORT_OFFSET}").is_listening
     assert "tts_gpus: " + json.dumps(up) in Path(os.path.dirname(INVENTORY), "host_vars", target).read_text()
 
     # Streams: one directly on the card that goes away, one through nginx (on whichever card); both
@@ -222,6 +287,7 @@ def test_zz_scale_up_then_down_while_streams_run():
     assert not h.service(f"tts@{new_gpu}").is_enabled
     assert not h.file(f"/etc/cosyvoice-tts/tts@{new_gpu}.env").exists
     assert upstream_members() == expected_members(gpus)
+    assert upstream_members(http=True) == expected_members(gpus, http=True)
 
     for name in ("direct", "vialb"):
         deadline = time.time() + 240
