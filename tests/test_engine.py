@@ -177,3 +177,29 @@ def test_capacity_is_enforced(engine):
     for request in requests:
         request.cancel()
         list(request)
+
+
+def test_request_alone_equals_batched_with_31_others(tiny_model_dir):
+    engine = Engine.load(tiny_model_dir, max_sessions=32)
+    engine.start()
+    try:
+        texts = [f"第{i}句话。" if i % 2 else f"Sentence number {i}." for i in range(32)]
+        requests = [engine.submit(SynthesisParams(voice="中文女" if i % 2 else "英文女", seed=100 + i), text=t)
+                    for i, t in enumerate(texts)]
+        results = {}
+        threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, (r.audio(), r.summary)))
+                   for i, r in enumerate(requests)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert engine.counters["decode_rows"] > engine.counters["steps"]  # they really shared decode steps
+        for i in (0, 7, 20, 31):
+            alone = engine.submit(SynthesisParams(voice="中文女" if i % 2 else "英文女", seed=100 + i), text=texts[i])
+            audio = alone.audio()
+            batched_audio, batched_summary = results[i]
+            assert alone.summary["speech_tokens"] == batched_summary["speech_tokens"]
+            assert audio.shape == batched_audio.shape
+            np.testing.assert_allclose(batched_audio, audio, atol=1e-4)
+    finally:
+        engine.shutdown()

@@ -433,7 +433,7 @@ class Orchestrator:
         a = self.a
         return ([self.py, str(ROOT / "bench" / "run.py"), "--url", f"ws://127.0.0.1:{a.lb_port}/ws", *load,
                  "--request-timeout", str(a.request_timeout), "--quiet", "--out", str(self.out / name)]
-                + shlex.split(a.bench_extra or ""))
+                + (["--no-plots"] if a.no_plots else []) + shlex.split(a.bench_extra or ""))
 
     def sweep_estimate(self, levels: list[int]) -> float:
         return len(levels) * (self.a.duration + self.tail) + self.a.warmup * (3.0 if not self.a.cpu else 1.5) + 15
@@ -683,7 +683,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--renderer", choices=("auto", "ansible", "jinja2"), default="auto")
     p.add_argument("--compare-renderers", action="store_true", help="render with both when Ansible exists; "
                    "record whether they are identical")
-    p.add_argument("--bench-extra", default="", help="more bench/run.py arguments for every bench (one string)")
+    p.add_argument("--bench-extra", default="", help="more bench/run.py arguments for every bench (one string; "
+                   "write --bench-extra='--mode stream' with '=')")
+    p.add_argument("--no-plots", action="store_true", help="bench/run.py --no-plots")
     a = p.parse_args(argv)
     a.skip = {x.strip() for x in a.skip.split(",") if x.strip()}
     if a.out is None:
