@@ -265,21 +265,31 @@ class Engine:
                                      stream=request.params.stream, speed=float(request.params.speed),
                                      cfg=self.stream_config)
 
+    def _text_events(self, request: Request) -> list[tuple[str, list[int]]]:
+        """The request's streamed text since the last step, tokenised: ("text", ids) and ("end", [])."""
+        events = []
+        for kind, value in request.take_inbox():
+            if not request.bistream:
+                continue  # whole-text requests were given all their text at submission
+            if kind == "text":
+                ids = self._tokenize(value)
+                request.stats.text_tokens += len(ids)
+                if ids:
+                    events.append(("text", ids))
+            elif kind == "end":
+                events.append(("end", []))
+        return events
+
     def _drain_inboxes(self) -> None:
         for request in list(self._active):
             if request.cancelled:
                 self._finish(request, "cancelled")
                 continue
             try:
-                for kind, value in request.take_inbox():
-                    if not request.bistream:
-                        continue
+                for kind, ids in self._text_events(request):
                     if kind == "text":
-                        ids = self._tokenize(value)
-                        request.stats.text_tokens += len(ids)
-                        if ids:
-                            request.program.push_text(ids)
-                    elif kind == "end":
+                        request.program.push_text(ids)
+                    else:
                         request.program.end_text()
                 if request.program.done:
                     request.stream.lm_done = True

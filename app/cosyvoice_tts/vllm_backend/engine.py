@@ -309,16 +309,8 @@ class VllmEngine(Engine):
             run: _Run | None = getattr(request, "vllm_run", None)
             if run is None:
                 continue
-            for kind, value in request.take_inbox():
-                if not request.bistream:
-                    continue
-                if kind == "text":
-                    ids = self._tokenize(value)
-                    request.stats.text_tokens += len(ids)
-                    if ids:
-                        self._send(run, ("text", ids))
-                elif kind == "end":
-                    self._send(run, ("end", None))
+            for kind, ids in self._text_events(request):
+                self._send(run, (kind, ids if kind == "text" else None))
             tokens, done, error = run.mailbox.take()
             if error is not None:
                 self._fail(request, error)
