@@ -85,12 +85,14 @@ def run_program(runner: ModelRunner, program, slot: int = 0) -> tuple[list[int],
     while not program.done:
         pieces = program.take_input()
         if len(pieces) == 1 and pieces[0][0] == "speech" and len(pieces[0][1]) == 1:
-            logp = runner.decode([DecodeRow(slot, position, pieces[0][1][0])])[0]
+            # the batched path: top-k candidates come precomputed with the distribution
+            step = runner.decode([DecodeRow(slot, position, pieces[0][1][0])])[0]
+            logps.append(step.logp)
         else:
-            logp = runner.extend(slot, position, pieces)
+            step = runner.extend(slot, position, pieces)
+            logps.append(step)
         position += pieces_length(pieces)
-        logps.append(logp)
-        tokens.extend(program.on_logprobs(logp).tokens)
+        tokens.extend(program.on_logprobs(step).tokens)
     return tokens, logps
 
 

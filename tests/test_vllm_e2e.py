@@ -102,7 +102,7 @@ def test_vllm_log_probs_equal_the_native_lm(engine, vllm_model_dir):
     native = []
     for token in tokens:
         native.append(float(logp[token]))
-        logp = runner.decode([DecodeRow(0, position, token)])[0]
+        logp = runner.decode([DecodeRow(0, position, token)])[0].logp
         position += 1
     np.testing.assert_allclose(vllm_logps, native, atol=2e-4)
 

@@ -185,10 +185,17 @@ def failed_requests(doc: dict | None, victim: str) -> dict:
     kinds = Counter((r.get("outcome") or "?") + (":" + r["error_code"] if r.get("error_code") else "") for r in failed)
     by_worker = Counter(r.get("worker") or "(none)" for r in failed)
     ends = sorted(r["t_end"] for r in failed if r.get("t_end") is not None)
+    in_flight = sum(1 for r in failed if r.get("worker") == victim and r.get("outcome") == "dropped")
+    not_ready = sum(1 for r in failed if r.get("error_code") == "not_ready")
     return {
         "requests": len(reqs),
         "ok": len(reqs) - len(failed),
         "failed": len(failed),
+        # cut off by the kill: the victim had sent `started`, then its connection dropped
+        "failed_in_flight_at_kill": in_flight,
+        # sent to the restarted worker while it was loading: it accepts the WebSocket and answers not_ready
+        "failed_not_ready": not_ready,
+        "failed_other": len(failed) - in_flight - not_ready,
         "failed_by_kind": dict(sorted(kinds.items())),
         "failed_by_worker": dict(sorted(by_worker.items())),
         "failed_on_victim": by_worker.get(victim, 0),
@@ -311,8 +318,10 @@ def markdown(s: dict) -> str:
                  f"{_f(f.get('bench_duration_s'), 0)} s; killed {f.get('victim')} (pid {f.get('victim_pid')}) "
                  f"{_f(f.get('kill_after_launch_s'), 1)} s after the bench started, with "
                  f"{_f(f.get('victim_sessions_active_before_kill'), 0)} request(s) in flight on it")
-        L.append(f"- requests: {fr.get('requests')}, ok {fr.get('ok')}, **failed {fr.get('failed')}** "
-                 f"({fr.get('failed_on_victim')} of them on {f.get('victim')}); by kind: {fr.get('failed_by_kind')}")
+        L.append(f"- requests: {fr.get('requests')}, ok {fr.get('ok')}, **failed {fr.get('failed')}**: "
+                 f"{fr.get('failed_in_flight_at_kill')} in flight on {f.get('victim')} when it was killed, "
+                 f"{fr.get('failed_not_ready')} answered `not_ready` (sent to it while it was loading again), "
+                 f"{fr.get('failed_other')} other; by kind: {fr.get('failed_by_kind')}")
         L.append(f"- supervisor: saw the exit {_f(tl.get('exit_seen_after_kill_s'), 2)} s after the kill, "
                  f"restarted it {_f(tl.get('restart_after_exit_s'), 2)} s later; "
                  f"**/readyz 200 again {_f(f.get('recovery_s'), 1)} s after the kill** "

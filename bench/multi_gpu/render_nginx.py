@@ -151,7 +151,8 @@ def render_items() -> list[dict]:
 
 def render_jinja(inv: dict, out: Path, ansible_managed: str = "Ansible managed") -> dict[str, str]:
     """The role's render task with plain jinja2: the templates and loop of tasks/render.yml, role defaults <
-    group `all` vars < host vars < task vars, as Ansible resolves them for the first tts_lb host."""
+    group `all` vars < group vars < host vars < task vars, as Ansible resolves them for the first tts_lb host.
+    ``inv``: {"all": {"vars", "children": {group: {"vars", "hosts": {host: vars}}}}} (one level of groups)."""
     import jinja2
     import yaml
 
@@ -165,12 +166,16 @@ def render_jinja(inv: dict, out: Path, ansible_managed: str = "Ansible managed")
     allvars = dict(a.get("vars", {}))
     groups: dict[str, list[str]] = {"all": [], "ungrouped": []}
     hostvars: dict[str, dict] = {}
-    for gname, g in a.get("children", {}).items():
-        groups[gname] = list(g.get("hosts", {}))
-        for h, hv in g.get("hosts", {}).items():
+    own: dict[str, dict] = {}
+    for gname, g in a.get("children", {}).items():  # one level of groups, like inventory/example
+        groups[gname] = list(g.get("hosts") or {})
+        for h, hv in (g.get("hosts") or {}).items():
             if h not in groups["all"]:
                 groups["all"].append(h)
-            hostvars.setdefault(h, {**allvars, "inventory_hostname": h}).update(hv or {})
+            hostvars.setdefault(h, {**allvars, "inventory_hostname": h}).update(g.get("vars") or {})
+            own.setdefault(h, {}).update(hv or {})
+    for h, hv in own.items():  # host vars win over group vars
+        hostvars[h].update(hv)
     lb = groups["tts_lb"][0]
     ctx = dict(yaml.safe_load((ROLE / "defaults" / "main.yml").read_text()))
     ctx.update(hostvars[lb])

@@ -16,6 +16,10 @@ from .kv_cache import CacheFullError, KVCache
 from .lm_program import Piece, pieces_length
 from .modules.llm import Qwen2LM
 from .modules.qwen2 import AttentionInputs
+from .sampling import StepDistribution
+
+# Candidates copied back per row; RAS keeps at most top_k (25) of them.
+TOP_CANDIDATES = 32
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +121,8 @@ class ModelRunner:
         return self.llm.logprobs(hidden[:, -1])
 
     @torch.inference_mode()
-    def decode(self, rows: list[DecodeRow]) -> torch.Tensor:
-        """One speech token for each row -> log-probs [B, V] on the CPU (fp32)."""
+    def decode(self, rows: list[DecodeRow]) -> list[StepDistribution]:
+        """One speech token for each row -> each row's distribution (log-probs on the CPU, fp32)."""
         for row in rows:
             if row.position + 1 > self.max_len:
                 raise CacheFullError(f"slot {row.slot}: context exceeds the {self.max_len}-token limit")
@@ -134,7 +138,14 @@ class ModelRunner:
             key_len = int(positions.max()) + 1
             logp = self._decode_forward(tokens.to(self.device), slots.to(self.device),
                                         positions.to(self.device).unsqueeze(1), key_len)
-        return logp.float().cpu()
+        return self._distributions(logp)
+
+    def _distributions(self, logp: torch.Tensor) -> list[StepDistribution]:
+        """Per-row distributions with their top-k candidates, computed for the whole batch on the device."""
+        logp = logp.float()
+        top_probs, top_ids = logp.softmax(dim=-1).topk(min(TOP_CANDIDATES, logp.shape[-1]), dim=-1)
+        logp, top_probs, top_ids = logp.cpu(), top_probs.cpu(), top_ids.cpu()
+        return [StepDistribution(logp[i], top_probs[i], top_ids[i]) for i in range(logp.shape[0])]
 
     # --- CUDA graphs ----------------------------------------------------------------
     def _graph_for(self, batch: int, key_len: int) -> _CapturedDecode | None:

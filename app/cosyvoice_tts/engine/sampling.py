@@ -25,16 +25,35 @@ class RasConfig:
     tau_r: float = 0.1
 
 
+@dataclass
+class StepDistribution:
+    """One request's log-probabilities for one step, with its top-k candidates when the runner computed them
+    on the device for the whole batch (a single top-k there, instead of one per request on the CPU)."""
+
+    logp: torch.Tensor  # [V] fp32, CPU
+    top_probs: torch.Tensor | None = None  # softmax(logp).topk(k).values, descending, CPU
+    top_ids: torch.Tensor | None = None
+
+    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.top_probs is not None and self.top_probs.numel() >= k:
+            return self.top_probs[:k], self.top_ids[:k]
+        return self.logp.softmax(dim=0).topk(min(k, self.logp.numel()))
+
+
+def as_distribution(logp: "torch.Tensor | StepDistribution") -> StepDistribution:
+    return logp if isinstance(logp, StepDistribution) else StepDistribution(logp)
+
+
 def make_generator(seed: int) -> torch.Generator:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(seed))
     return generator
 
 
-def nucleus_sample(logp: torch.Tensor, cfg: RasConfig, generator: torch.Generator) -> int:
+def nucleus_sample(logp, cfg: RasConfig, generator: torch.Generator) -> int:
     # Only the top_k most likely tokens can be kept, so a top-k selection stands in for the reference's full
     # stable sort (same order unless two probabilities are exactly equal) at a fraction of the cost.
-    probs, order = logp.softmax(dim=0).topk(min(cfg.top_k, logp.numel()))
+    probs, order = as_distribution(logp).top(cfg.top_k)
     # Keep a token while the mass before it is under top_p (accumulated in fp32, in order, as the reference does).
     mass = np.cumsum(probs.numpy(), dtype=np.float32)
     reached = np.flatnonzero(mass >= np.float32(cfg.top_p))
@@ -43,8 +62,8 @@ def nucleus_sample(logp: torch.Tensor, cfg: RasConfig, generator: torch.Generato
     return int(order[:kept][choice])
 
 
-def random_sample(logp: torch.Tensor, generator: torch.Generator) -> int:
-    return int(logp.softmax(dim=0).multinomial(1, replacement=True, generator=generator))
+def random_sample(logp, generator: torch.Generator) -> int:
+    return int(as_distribution(logp).logp.softmax(dim=0).multinomial(1, replacement=True, generator=generator))
 
 
 def ras_sample(logp: torch.Tensor, decoded: list[int], cfg: RasConfig, generator: torch.Generator) -> int:

@@ -85,7 +85,7 @@ class TorchLMClient:
                 await asyncio.sleep(0)
                 if token in spec.stop_token_ids or produced + 1 == spec.max_tokens:
                     break
-                logp = self.runner.decode([DecodeRow(slot, position, token)])[0]
+                logp = self.runner.decode([DecodeRow(slot, position, token)])[0].logp
                 position += 1
             finished = True
         finally:
