@@ -47,14 +47,18 @@ from bench.multi_gpu import analyze, render_nginx  # noqa: E402
 PHASES = ("model", "workers", "nginx", "single_sweep", "multi_sweep", "failure")
 
 
+try:  # bound now: a preexec_fn must not import (another thread may hold the import lock at fork time)
+    import ctypes
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
 def _pdeathsig(sig: int):
     """preexec_fn: the child gets ``sig`` when this process dies (Linux), so nothing outlives a killed run."""
     def fn():
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
-        except Exception:  # noqa: BLE001 - best effort (not Linux)
-            pass
+        if _PRCTL is not None:
+            _PRCTL(1, int(sig))  # PR_SET_PDEATHSIG
     return fn
 
 
@@ -291,6 +295,8 @@ class Orchestrator:
 
     def start_workers(self) -> bool:
         a = self.a
+        if not self.fits("workers", 30 if a.cpu else 60):
+            return False
         t = time.monotonic()
         wdir = self.out / "workers"
         wdir.mkdir(exist_ok=True)
@@ -313,7 +319,8 @@ class Orchestrator:
             for f in (ev, pidf):
                 f.unlink(missing_ok=True)
             sup = [self.py, str(HERE / "supervise.py"), "--name", name, "--events", str(ev), "--pidfile", str(pidf),
-                   "--log", str(wdir / f"worker-{name}.log"), "--restart-sec", str(a.restart_sec), "--"] + worker
+                   "--log", str(wdir / f"worker-{name}.log"), "--restart-sec", str(a.restart_sec),
+                   "--stop-timeout", "20", "--"] + worker
             if i == 0:
                 self.command(sup, shown)
             p = self.popen(sup, wdir / f"supervise-{name}.log", env=env)
@@ -634,7 +641,7 @@ class Orchestrator:
             except ProcessLookupError:
                 pass
         for w in self.supervisors:
-            self.stop_proc(w["proc"], signal.SIGTERM, 30)
+            self.stop_proc(w["proc"], signal.SIGTERM, 25)
         for p in self.procs:
             self.stop_proc(p, signal.SIGKILL, 5)
 

@@ -15,7 +15,8 @@ is shared by all processes of the machine, so other processes can compare it wit
     {"event": "stop", ...}                      (the supervisor itself was asked to stop)
 
 ``--pidfile`` always holds the pid of the current child (the process to kill to simulate a crash). The
-child's stdout and stderr are appended to ``--log``, with a marker line at each start. Mirrors the
+child's stdout and stderr are appended to ``--log``, with a marker line at each start. The child gets SIGKILL
+if the supervisor itself is killed (PR_SET_PDEATHSIG), so a killed run leaves no worker behind. Mirrors the
 worker unit of ansible/roles/tts_gpu (Restart=always, RestartSec=tts_gpu_restart_sec, default 5).
 """
 
@@ -29,6 +30,19 @@ import subprocess
 import sys
 import threading
 import time
+
+
+try:
+    import ctypes
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL if this supervisor dies without stopping it (PR_SET_PDEATHSIG)."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))
 
 
 def _event(path: str, **fields) -> None:
@@ -75,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.log, "ab") as log:
             log.write(f"\n=== supervise {args.name}: start #{n} at {time.strftime('%H:%M:%S')} ===\n".encode())
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent)
         child["proc"] = proc
         tmp = args.pidfile + ".tmp"
         with open(tmp, "w") as f:

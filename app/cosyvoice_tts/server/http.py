@@ -59,6 +59,16 @@ class HttpRoutes:
                 )
                 _set_header(resp, "WWW-Authenticate", 'Bearer realm="cosyvoice-tts"')
                 return resp
+            if not srv.ready and not srv.draining:
+                # Refuse the handshake while loading: a load balancer only fails over on an HTTP error, so a
+                # restarted card must not take connections it can only answer with not_ready.
+                srv.metrics.errors.labels("not_ready").inc()
+                resp = self._json(
+                    connection, HTTPStatus.SERVICE_UNAVAILABLE,
+                    {"code": "not_ready", "message": "the model is still loading; retry shortly"},
+                )  # fmt: skip
+                _set_header(resp, "Retry-After", "1")
+                return resp
             if len(srv.sessions) >= srv.cfg.max_connections:
                 srv.metrics.errors.labels("busy").inc()
                 return self._json(
