@@ -20,10 +20,6 @@ class StepPlan:
     decode: list[Request] = field(default_factory=list)
     chunks: list[Request] = field(default_factory=list)
 
-    @property
-    def empty(self) -> bool:
-        return not (self.extend or self.decode or self.chunks)
-
 
 @dataclass
 class SchedulerConfig:

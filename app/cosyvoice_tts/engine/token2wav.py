@@ -101,10 +101,6 @@ class Token2Wav:
         self.window = hamming_window(2 * cfg.source_cache_len)
 
     @torch.inference_mode()
-    def run(self, state: StreamState, chunk: Chunk, generator: torch.Generator | None = None) -> np.ndarray:
-        return self.run_batch([(state, chunk, generator)])[0]
-
-    @torch.inference_mode()
     def run_batch(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]]) -> list[np.ndarray]:
         """Flow and HiFT for several requests' chunks in one call each; returns each request's new audio."""
         device = self.device
