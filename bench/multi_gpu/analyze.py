@@ -293,11 +293,11 @@ def markdown(s: dict) -> str:
                      " | ".join(f"{lv['workers'][w]['ok']} ({_pct(lv['workers'][w]['share'])})" for w in ws) + " | " +
                      " | ".join(_f(lv['workers'][w]['audio_s'], 1) for w in ws) + f" | {_f(lv['audio_max_over_min'], 2)} |")
         t = b["total"]
-        L.append(f"| all | " + " | ".join(f"{t[w]['ok']} ({_pct(t[w]['share'])})" for w in ws) + " | " +
+        L.append("| all | " + " | ".join(f"{t[w]['ok']} ({_pct(t[w]['share'])})" for w in ws) + " | " +
                  " | ".join(_f(t[w]['audio_s'], 1) for w in ws) + f" | {_f(b.get('audio_max_over_min'), 2)} |")
         L.append("")
         if "metrics_agree" in b:
-            L.append(f"- workers' own `/metrics` (finished requests, incl. warm-up): "
+            L.append("- workers' own `/metrics` (finished requests, incl. warm-up): "
                      + ", ".join(f"{w} {int(b['metrics_delta'].get(w, {}).get('finished', 0))}" for w in ws)
                      + f"; equal to the bench's per-worker ok counts: {b['metrics_agree']}")
         if b.get("gpu_util"):
