@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -37,24 +36,12 @@ def render(tmp_path: Path, inventory: Path = INVENTORY, *extra_vars: str) -> tup
     """(nginx.conf, upstream-servers.conf, upstream-http-servers.conf); extra_vars: "name=value" for -e."""
     out = tmp_path / "render"
     out.mkdir()
-    play = tmp_path / "render.yml"
-    play.write_text(textwrap.dedent("""\
-        - name: Render nginx_lb offline
-          hosts: tts_lb[0]
-          connection: local
-          gather_facts: false
-          tasks:
-            - name: Render
-              ansible.builtin.include_role:
-                name: nginx_lb
-                tasks_from: render
-        """))
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_ROLES_PATH=str(ROOT / "ansible" / "roles"),
                ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(tmp_path / "atmp"), ANSIBLE_REMOTE_TEMP=str(tmp_path / "rtmp"))
     bindir = str(Path(ANSIBLE_PLAYBOOK).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     r = subprocess.run(
-        [ANSIBLE_PLAYBOOK, "-i", str(inventory), str(play), "-e", f"nginx_lb_render_dir={out}",
+        [ANSIBLE_PLAYBOOK, "-i", str(inventory), str(ROOT / "ansible" / "playbooks" / "render_nginx.yml"), "-e", f"nginx_lb_render_dir={out}",
          "-e", "ansible_python_interpreter=" + str(Path(bindir) / "python"),
          *(a for v in extra_vars for a in ("-e", v))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,

@@ -29,10 +29,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+RENDER_PLAYBOOK = ROOT / "ansible" / "playbooks" / "render_nginx.yml"
 ROLE = ROOT / "ansible" / "roles" / "nginx_lb"
 LB_HOST = "lb"
 GPU_HOST = "local"
@@ -84,31 +84,19 @@ def find_ansible_playbook() -> str | None:
 
 
 def render_ansible(inv: dict, out: Path, playbook_bin: str) -> dict[str, str]:
-    """The role's ``tasks_from: render`` in local mode, as tests/test_nginx_template.py runs it."""
+    """The role's offline render playbook (ansible/playbooks/render_nginx.yml), as tests/test_nginx_template.py runs it."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nginx_lb_render_") as td:
         td = Path(td)
         (td / "inv").mkdir()
         (td / "inv" / "hosts.yml").write_text(json.dumps(inv, indent=1))  # JSON is YAML
-        play = td / "render.yml"
-        play.write_text(textwrap.dedent("""\
-            - name: Render nginx_lb offline
-              hosts: tts_lb[0]
-              connection: local
-              gather_facts: false
-              tasks:
-                - name: Render
-                  ansible.builtin.include_role:
-                    name: nginx_lb
-                    tasks_from: render
-            """))
         bindir = str(Path(playbook_bin).parent)
         env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_ROLES_PATH=str(ROOT / "ansible" / "roles"),
                    ANSIBLE_NOCOLOR="1", ANSIBLE_LOCAL_TEMP=str(td / "atmp"), ANSIBLE_REMOTE_TEMP=str(td / "rtmp"),
                    PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
         env.pop("PYTHONPATH", None)  # the deploy venv has its own Python
         interp = Path(bindir) / "python"
-        argv = [playbook_bin, "-i", str(td / "inv"), str(play), "-e", f"nginx_lb_render_dir={out}"]
+        argv = [playbook_bin, "-i", str(td / "inv"), str(RENDER_PLAYBOOK), "-e", f"nginx_lb_render_dir={out}"]
         if interp.exists():
             argv += ["-e", f"ansible_python_interpreter={interp}"]
         r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
