@@ -462,16 +462,8 @@ class Orchestrator:
         self.command(argv)
         p = self.popen(argv, self.out / f"{name}.bench.log")
         limit = max(est * 1.5 + a.request_timeout, 30)
-        try:
-            p.wait(timeout=min(limit, max(self.remaining() - 10, 5)))
-        except subprocess.TimeoutExpired:
-            self.s["notes"].append(f"{name}: bench stopped at its time limit (SIGINT)")
-            self.stop_proc(p, signal.SIGINT, 30)
-        after = self.scrape_all()
-        if self.sampler:
-            self.sampler.phase = "idle"
-        doc = self._load(self.out / name / "results.json")
-        self.docs[name] = doc
+        after, doc = self._end_bench(p, name, min(limit, max(self.remaining() - 10, 5)),
+                                     f"{name}: bench stopped at its time limit (SIGINT)")
         self.s.setdefault("metrics", {})[name] = {"before": before, "after": after,
                                                   "delta": analyze.counter_deltas(before, after)}
         if doc is None:
@@ -480,6 +472,20 @@ class Orchestrator:
             return None
         self.phase_done(name, "ran", None, time.monotonic() - t, bench_exit=p.returncode)
         return doc
+
+    def _end_bench(self, p, name: str, timeout: float, note: str):
+        """Wait for a bench run (SIGINT at `timeout`), then scrape the workers and read its results.json."""
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.s["notes"].append(note)
+            self.stop_proc(p, signal.SIGINT, 30)
+        after = self.scrape_all()
+        if self.sampler:
+            self.sampler.phase = "idle"
+        doc = self._load(self.out / name / "results.json")
+        self.docs[name] = doc
+        return after, doc
 
     @staticmethod
     def _load(p: Path) -> dict | None:
@@ -566,16 +572,8 @@ class Orchestrator:
             time.sleep(0.2)
         if ready_at is not None:
             self.log(f"{v['name']} ready again {ready_at - t_kill:.1f} s after the kill")
-        try:
-            p.wait(timeout=max(self.remaining() - a.reserve / 2, 5))
-        except subprocess.TimeoutExpired:
-            self.s["notes"].append("failure: bench stopped at the budget (SIGINT)")
-            self.stop_proc(p, signal.SIGINT, 30)
-        after = self.scrape_all()
-        if self.sampler:
-            self.sampler.phase = "idle"
-        doc = self._load(self.out / name / "results.json")
-        self.docs[name] = doc
+        after, doc = self._end_bench(p, name, max(self.remaining() - a.reserve / 2, 5),
+                                     "failure: bench stopped at the budget (SIGINT)")
         tl = analyze.supervisor_timeline(self.events(v), t_kill)
         f.update({
             "status": "ran" if doc is not None else "failed",
