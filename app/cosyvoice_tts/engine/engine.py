@@ -24,7 +24,7 @@ from .flow_graphs import GraphedCFM
 from .model_runner import DecodeRow, ModelRunner, batch_ladder
 from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, make_generator
-from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s
+from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, pick_vocoder_batch
 from .token2wav import StreamConfig, StreamState, Token2Wav
 from .vocoder_worker import VocoderWorker
 from .voices import voice_prompt
@@ -63,7 +63,6 @@ class Engine:
             self.flow.decoder = self.flow_graphs
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
         self.scheduler = Scheduler(scheduler_config)
-        self.max_vocoder_batch = max(1, max_sessions)
         self.registered: dict[str, dict] = {}
         self._pending: list[Request] = []
         self._active: list[Request] = []
@@ -73,7 +72,8 @@ class Engine:
         self.vocoder: VocoderWorker | None = None
         self._first_chunk_in_flight = False
         self._stopping = False
-        self.counters = {"steps": 0, "decode_rows": 0, "chunks": 0, "extend_s": 0.0, "decode_s": 0.0}
+        self.counters = {"steps": 0, "decode_rows": 0, "chunks": 0, "extend_s": 0.0, "decode_s": 0.0,
+                         "vocoder_batches": 0, "vocoder_items": 0}
 
     # --- construction -----------------------------------------------------------------
     @classmethod
@@ -106,10 +106,12 @@ class Engine:
             return
         self.runner.capture(self.max_sessions)
         if self.flow_graphs is not None:
-            # The shapes of first chunks and short utterances; longer ones are captured on first use.
-            for batch in self.flow_graphs.batch_sizes:
-                for frames in range(self.flow_graphs.frame_unit, 301, self.flow_graphs.frame_unit):
-                    self.flow_graphs.capture(batch, frames)
+            # Every shape a vocoder batch can take (see pick_vocoder_batch), so none is captured while serving.
+            started = time.monotonic()
+            shapes = self.flow_graphs.shapes_within(self.scheduler.config.max_vocoder_frames)
+            for batch, frames in shapes:
+                self.flow_graphs.capture(batch, frames)
+            log.info("captured %d flow sampler CUDA graphs in %.1f s", len(shapes), time.monotonic() - started)
         self.vocoder = VocoderWorker(self.token2wav, self.device, self._wake.set)
         self._thread = threading.Thread(target=self._loop, name="cosyvoice-engine", daemon=True)
         self._thread.start()
@@ -197,6 +199,9 @@ class Engine:
                "kv_cache_bytes": self.runner.cache.bytes, **self.counters,
                "info": {"backend": "native", "sampling": "ras"}}
         out["vocoder_s"] = self.vocoder.busy_s if self.vocoder else 0.0
+        if self.flow_graphs is not None:
+            out["flow_graphed_calls"] = self.flow_graphs.calls["graphed"]
+            out["flow_eager_calls"] = self.flow_graphs.calls["eager"]
         if self.device.type == "cuda":
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
             out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
@@ -230,7 +235,7 @@ class Engine:
                 self._wake.wait()
                 continue
             if vocode:
-                self._hand_to_vocoder(plan.chunks[: self.max_vocoder_batch])
+                self._hand_to_vocoder(plan.chunks)
             if lm_work:
                 try:
                     self._run(plan)
@@ -345,6 +350,8 @@ class Engine:
         request.stats.speech_tokens += len(step.tokens)
         if step.done:
             request.stream.lm_done = True
+        if request.stats.first_tokens_at is None and request.stream.has_chunk():
+            request.stats.first_tokens_at = time.monotonic()
 
     def _yield_to_first_chunk(self, plan) -> None:
         """While a first chunk is being vocoded, step only streams that are about to run dry.
@@ -360,16 +367,27 @@ class Engine:
         plan.decode = [r for r in plan.decode if urgent(r)]
         plan.extend = [r for r in plan.extend if urgent(r)]
 
-    def _hand_to_vocoder(self, requests: list[Request]) -> None:
+    def _hand_to_vocoder(self, ready: list[Request]) -> None:
+        chunks = [request.stream.next_chunk() for request in ready]
+        ready = [r for r, c in zip(ready, chunks) if c is not None]
+        chunks = [c for c in chunks if c is not None]
+        if not ready:
+            return
+        by_request = dict(zip(map(id, ready), chunks))
+        frames = [r.stream.flow_frames(c) for r, c in zip(ready, chunks)]
+        shape = self.flow_graphs.padded_shape if self.flow_graphs is not None else (lambda n, f: (n, f))
+        chosen = pick_vocoder_batch(ready, frames, self.scheduler.config.max_vocoder_frames, shape)
+        now = time.monotonic()
         batch = []
-        for request in requests:
-            chunk = request.stream.next_chunk()
-            if chunk is not None:
-                request.vocoding = True
-                batch.append((request, request.stream, chunk, request.vocoder_generator))
-        if batch:
-            self._first_chunk_in_flight = any(r.stats.first_chunk_at is None for r, _, _, _ in batch)
-            self.vocoder.submit(batch)
+        for request in chosen:
+            request.vocoding = True
+            if request.stats.first_vocode_at is None:
+                request.stats.first_vocode_at = now
+            batch.append((request, request.stream, by_request[id(request)], request.vocoder_generator))
+        self._first_chunk_in_flight = any(r.stats.first_chunk_at is None for r in chosen)
+        self.counters["vocoder_batches"] += 1
+        self.counters["vocoder_items"] += len(batch)
+        self.vocoder.submit(batch)
 
     def _collect_vocoded(self) -> None:
         now = time.monotonic()

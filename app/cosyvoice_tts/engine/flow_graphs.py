@@ -52,6 +52,18 @@ class _CapturedSampler:
         return self.out[:batch, :, :frames]
 
 
+def frame_buckets(unit: int, max_frames: int) -> list[int]:
+    """Captured frame counts: every chunk up to 6 chunks (first chunks and short utterances, where padding would
+    cost the most), then steps of about a quarter, so a long prefix pads at most ~25% instead of being eager."""
+    buckets = [unit * n for n in range(1, 7)]
+    units = 8
+    while unit * units < max_frames:
+        buckets.append(unit * units)
+        units += max(2, units // 4)
+    top = -(-max_frames // unit) * unit
+    return [b for b in buckets if b < top] + [top]
+
+
 class GraphedCFM(nn.Module):
     """Drop-in for the flow's `decoder` (same call) that replays captured graphs, eager beyond the buckets."""
 
@@ -63,12 +75,14 @@ class GraphedCFM(nn.Module):
         self.batch_sizes = sorted(batch_sizes)
         self.frame_unit = frame_unit
         self.max_frames = max_frames
+        self.frame_sizes = frame_buckets(frame_unit, max_frames)
         self.dtype = dtype
         self.graphs: dict[tuple[int, int, int], _CapturedSampler] = {}
         self.pool = None
         # Shapes met while serving that have no graph yet: they run eagerly, and the engine captures them
         # when it is idle (capturing while the LM thread launches kernels would corrupt the capture).
         self.missing: set[tuple[int, int, int]] = set()
+        self.calls = {"graphed": 0, "eager": 0}
 
     def __getattr__(self, name):
         try:
@@ -78,10 +92,18 @@ class GraphedCFM(nn.Module):
 
     def _bucket(self, batch: int, frames: int) -> tuple[int, int] | None:
         sizes = [b for b in self.batch_sizes if b >= batch]
-        padded = -(-frames // self.frame_unit) * self.frame_unit
-        if not sizes or padded > self.max_frames:
+        lengths = [f for f in self.frame_sizes if f >= frames]
+        if not sizes or not lengths:
             return None
-        return sizes[0], padded
+        return sizes[0], lengths[0]
+
+    def padded_shape(self, batch: int, frames: int) -> tuple[int, int]:
+        """The (batch, frames) a call of this size really computes: its graph's bucket, or itself if eager."""
+        return self._bucket(batch, frames) or (batch, frames)
+
+    def shapes_within(self, frame_rows: int) -> list[tuple[int, int]]:
+        """Every bucket a vocoder batch of at most `frame_rows` padded batch x frames can use (batch 1 always)."""
+        return [(b, f) for f in self.frame_sizes for b in self.batch_sizes if b == 1 or b * f <= frame_rows]
 
     def capture(self, batch: int, frames: int, n_timesteps: int = 10) -> None:
         bucket = self._bucket(batch, frames)
@@ -98,12 +120,13 @@ class GraphedCFM(nn.Module):
     def forward(self, mu, mask, n_timesteps, temperature=1.0, spks=None, cond=None, streaming=False):
         batch, _, frames = mu.shape
         bucket = self._bucket(batch, frames)
-        if temperature != 1.0 or bucket is None or not torch.is_tensor(streaming):
+        key = None if bucket is None else (*bucket, n_timesteps)
+        if temperature != 1.0 or key is None or not torch.is_tensor(streaming) or key not in self.graphs:
+            if key is not None and temperature == 1.0:
+                self.missing.add(key)
+            self.calls["eager"] += 1
             return self.inner(mu, mask, n_timesteps, temperature, spks, cond, streaming)
-        key = (*bucket, n_timesteps)
-        if key not in self.graphs:
-            self.missing.add(key)
-            return self.inner(mu, mask, n_timesteps, temperature, spks, cond, streaming)
+        self.calls["graphed"] += 1
         return self.graphs[key](mu, mask, spks, cond, streaming), None
 
     def capture_missing(self, limit: int = 1) -> int:

@@ -70,6 +70,9 @@ class RequestStats:
     submitted_at: float = field(default_factory=time.monotonic)
     text_ended_at: float | None = None
     first_chunk_at: float | None = None
+    # Where the first chunk's time goes: LM has its tokens, then the vocoder takes the chunk.
+    first_tokens_at: float | None = None
+    first_vocode_at: float | None = None
     finished_at: float | None = None
     audio_samples: int = 0
     text_tokens: int = 0
@@ -175,4 +178,15 @@ class Request:
             "wall_s": round(wall, 3),
             "rtf": round(wall / audio_s, 4) if audio_s > 0 else None,
             "outcome": s.outcome,
+            **self.first_chunk_phases(),
         }
+
+    def first_chunk_phases(self) -> dict:
+        """The first chunk's latency in three parts (ms): the LM producing its tokens, waiting for the vocoder,
+        and the vocoder (flow + HiFT) itself."""
+        s = self.stats
+        stamps = (s.submitted_at, s.first_tokens_at, s.first_vocode_at, s.first_chunk_at)
+        if any(t is None for t in stamps):
+            return {}
+        lm, queue, vocoder = (round((b - a) * 1000, 1) for a, b in zip(stamps, stamps[1:]))
+        return {"first_chunk_lm_ms": lm, "first_chunk_queue_ms": queue, "first_chunk_vocoder_ms": vocoder}

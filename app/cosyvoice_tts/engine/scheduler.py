@@ -25,6 +25,8 @@ class StepPlan:
 class SchedulerConfig:
     max_extend_tokens: int = 2048  # prompt tokens prefilled per step, so running streams keep stepping
     max_decode_batch: int | None = None  # None: every runnable request decodes each step (1: per-request path)
+    # Padded batch x mel frames per flow call: bounds how long one vocoder batch keeps the next first chunk waiting.
+    max_vocoder_frames: int = 8192
 
 
 def is_single_speech_token(request: Request) -> bool:
@@ -74,3 +76,24 @@ class Scheduler:
         ready.sort(key=lambda r: (r.stats.first_chunk_at is not None, audio_ahead_s(r, now)))
         plan.chunks = ready[:1] if self.config.max_decode_batch == 1 else ready
         return plan
+
+
+def pick_vocoder_batch(ready: list[Request], frames: list[int], budget: int, shape) -> list[Request]:
+    """The next vocoder batch from `ready` (in priority order) with each one's flow frames.
+
+    A batch costs its padded shape, `shape(n, longest) -> (n', frames')` (the CUDA-graph bucket it runs in), and
+    stays within `budget` padded frame-rows, the head always included. When the head is a first chunk, only chunks
+    that fit its frame bucket join it: a short first chunk is never padded up to a long prefix's length."""
+    head_bucket = shape(1, frames[0])[1]
+    cap = head_bucket if ready[0].stats.first_chunk_at is None else None
+    chosen: list[Request] = []
+    longest = 0
+    for request, length in zip(ready, frames):
+        if chosen and cap is not None and length > cap:
+            continue
+        rows, padded = shape(len(chosen) + 1, max(longest, length))
+        if chosen and rows * padded > budget:
+            continue
+        chosen.append(request)
+        longest = max(longest, length)
+    return chosen

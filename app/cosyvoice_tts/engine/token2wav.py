@@ -72,6 +72,17 @@ class StreamState:
             return Chunk(list(self.tokens), self.token_offset, finalize=True)
         return None
 
+    def has_chunk(self) -> bool:
+        """Whether `next_chunk` would return one (without building it)."""
+        if self.final_emitted:
+            return False
+        ready = len(self.tokens) - self.token_offset >= self.hop + self.cfg.pre_lookahead_len
+        return (self.stream and ready) or self.lm_done
+
+    def flow_frames(self, chunk: Chunk) -> int:
+        """Mel frames the flow computes for this chunk: prompt and tokens so far, all upsampled."""
+        return self.cfg.token_mel_ratio * (int(self.prompt_token.shape[1]) + len(chunk.tokens))
+
     def advance(self, chunk: Chunk) -> None:
         self.chunks_done += 1
         if chunk.finalize:

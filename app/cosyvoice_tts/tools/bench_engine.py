@@ -53,7 +53,8 @@ def run_request(engine: Engine, text: str, seed: int, voice: str) -> dict:
     end = time.monotonic()
     return {"first_chunk_ms": (first - submitted) * 1000 if first else None, "audio_s": delivered,
             "wall_s": end - submitted, "rtf": (end - submitted) / delivered if delivered else None,
-            "stall_s": stall, "chunks": len(arrivals), "outcome": request.stats.outcome}
+            "stall_s": stall, "chunks": len(arrivals), "outcome": request.stats.outcome,
+            **request.first_chunk_phases()}
 
 
 def run_level(engine: Engine, users: int, duration: float, text: str, voice: str) -> dict:
@@ -97,6 +98,10 @@ def run_level(engine: Engine, users: int, duration: float, text: str, voice: str
         "streams_with_stall": len(stalled), "stall_s_total": round(sum(r["stall_s"] for r in results), 3),
         "mean_audio_s": round(statistics.mean([r["audio_s"] for r in results]), 2) if results else None,
     }
+    # Where the first chunk's time went (p50 of each part): LM tokens, wait for the vocoder, flow + HiFT.
+    for part in ("lm", "queue", "vocoder"):
+        key = f"first_chunk_{part}_ms"
+        summary[f"{key}_p50"] = percentile([r[key] for r in results if key in r], 50)
     if engine.device.type == "cuda":
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)
     return summary
@@ -119,6 +124,69 @@ def check_flow_graphs(engine: Engine) -> float:
     return round(float((eager.float() - replay.float()).abs().max()), 6)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timed:
+    """Wraps a callable to add its synchronised wall time to `totals[name]` (stage timing only)."""
+
+    def __init__(self, fn, name: str, totals: dict, device: torch.device):
+        self.fn, self.name, self.totals, self.device = fn, name, totals, device
+
+    def __call__(self, *args, **kwargs):
+        _sync(self.device)
+        started = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        _sync(self.device)
+        self.totals[self.name] = self.totals.get(self.name, 0.0) + (time.perf_counter() - started) * 1000
+        return out
+
+
+@torch.inference_mode()
+def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int]], repeats: int = 5) -> list[dict]:
+    """ms per vocoder batch and per stage (flow encoder, CFM sampler, HiFT) for (batch, speech tokens) shapes:
+    each item a first chunk of a fresh stream of that many tokens, run through `Token2Wav.run_batch`."""
+    from ..engine.token2wav import StreamState
+    from ..engine.voices import voice_prompt
+
+    prompt = voice_prompt("sft", engine._voice(voice), engine._tokenize, None)
+    flow, hift, token2wav = engine.flow, engine.hift, engine.token2wav
+    totals: dict[str, float] = {}
+    # Instance attributes shadow the methods for this run only (deleted again below).
+    patched = ((flow.encoder, "encode", "encoder"), (flow.decoder, "forward", "sampler"),
+               (hift, "inference_batch", "hift"))
+    for module, method, name in patched:
+        setattr(module, method, _Timed(getattr(module, method), name, totals, engine.device))
+    rows = []
+    try:
+        for batch, tokens in shapes:
+            generator = torch.Generator().manual_seed(batch * 7919 + tokens)
+            for attempt in range(repeats + 1):
+                if attempt == 1:
+                    totals.clear()  # the first run of a shape is a warm-up
+                items = []
+                for _ in range(batch):
+                    state = StreamState(prompt.flow_prompt_speech, prompt.prompt_feat, prompt.embedding, stream=True,
+                                        speed=1.0, cfg=engine.stream_config)
+                    state.tokens = torch.randint(0, 6561, (tokens,), generator=generator).tolist()
+                    state.hop = tokens - engine.stream_config.pre_lookahead_len
+                    items.append((state, state.next_chunk(), torch.Generator().manual_seed(attempt)))
+                _sync(engine.device)
+                started = time.perf_counter()
+                token2wav.run_batch(items)
+                _sync(engine.device)
+                if attempt:
+                    totals["total"] = totals.get("total", 0.0) + (time.perf_counter() - started) * 1000
+            rows.append({"batch": batch, "tokens": tokens, **{k: round(v / repeats, 1) for k, v in totals.items()}})
+            print(json.dumps({"vocoder_stage_ms": rows[-1]}), flush=True)
+    finally:
+        for module, method, _ in patched:
+            delattr(module, method)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
@@ -132,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default=TWENTY_WORDS)
     parser.add_argument("--voice", default="英文女")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--stage-times", default="",
+                        help="vocoder stage timing before the levels, e.g. 1x28,1x153,16x28,16x153 (batch x tokens)")
     args = parser.parse_args(argv)
 
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -152,12 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     if engine.flow_graphs is not None:
         report["flow_graph_vs_eager_max_abs_diff"] = check_flow_graphs(engine)
     print(json.dumps({k: v for k, v in report.items() if k != "levels"}), flush=True)
+    if args.stage_times:
+        shapes = [tuple(int(v) for v in item.split("x")) for item in args.stage_times.split(",")]
+        report["vocoder_stage_ms"] = vocoder_stage_times(engine, args.voice, shapes)
     for users in levels:
-        keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "vocoder_s")
+        keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "vocoder_s", "vocoder_batches",
+                "vocoder_items", "flow_graphed_calls", "flow_eager_calls")
         before = engine.stats()
         summary = run_level(engine, users, args.duration, args.text, args.voice)
         after = engine.stats()
-        summary["engine"] = {k: round(after[k] - before[k], 3) for k in keys}
+        summary["engine"] = {k: round(after[k] - before[k], 3) for k in keys if k in after}
         report["levels"].append(summary)
         print(json.dumps(summary), flush=True)
     engine.shutdown()

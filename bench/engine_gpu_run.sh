@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call's engine benchmark (docs/performance.md, "Engine on one GPU"): the full random model, the
+# batched engine at several concurrencies with vocoder stage timings, then the per-request path at 8 streams.
+#   bench/engine_gpu_run.sh OUT_DIR [CONCURRENCY] [DURATION]
+# Needs python3 with torch (CUDA); unpacks carry/bench_site/site.tar.xz for the packages such an image lacks.
+set -euo pipefail
+out=${1:?usage: bench/engine_gpu_run.sh OUT_DIR [CONCURRENCY] [DURATION]}
+levels=${2:-1,8,32,48}
+duration=${3:-12}
+model=${MODEL_DIR:-/tmp/cosyvoice2-full-seed0}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/app${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! python3 -c 'import wetext, soxr' 2>/dev/null && [ -f carry/bench_site/site.tar.xz ]; then
+    mkdir -p /tmp/bench_site && tar -xJf carry/bench_site/site.tar.xz -C /tmp/bench_site
+    export PYTHONPATH="$PYTHONPATH:/tmp/bench_site"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt" || true
+[ -f "$model/cosyvoice2.yaml" ] || python3 -m cosyvoice_tts.tools.make_model "$model" --size full --seed 0 >/dev/null
+python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --concurrency "$levels" \
+    --duration "$duration" --stage-times "${STAGE_TIMES:-1x28,1x78,8x28,8x153,32x28,16x253}" \
+    --out "$out/batched.json" 2>&1 | grep -v -e Warning -e warn | tee "$out/batched.log"
+if [ -z "${SKIP_UNBATCHED:-}" ]; then
+    python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --concurrency 8 \
+        --duration 10 --unbatched --out "$out/unbatched.json" 2>&1 | grep -v -e Warning -e warn | tee "$out/unbatched.log"
+fi

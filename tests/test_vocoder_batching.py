@@ -1,0 +1,52 @@
+"""How ready chunks are grouped into vocoder batches, and which flow shapes get CUDA graphs."""
+from types import SimpleNamespace
+
+import pytest
+
+from cosyvoice_tts.engine.flow_graphs import frame_buckets
+from cosyvoice_tts.engine.scheduler import pick_vocoder_batch
+
+
+def ready(first: bool):
+    return SimpleNamespace(stats=SimpleNamespace(first_chunk_at=None if first else 1.0))
+
+
+def ladder_shape(n, frames):
+    sizes = [b for b in (1, 2, 4, 8, 16) if b >= n]
+    return sizes[0], -(-frames // 50) * 50
+
+
+def test_first_chunk_is_not_padded_to_long_prefixes():
+    head, long_a, short, long_b = ready(True), ready(False), ready(False), ready(False)
+    batch = pick_vocoder_batch([head, long_a, short, long_b], [56, 600, 90, 800], 8192, ladder_shape)
+    assert batch == [head, short]
+
+
+def test_later_chunks_fill_the_budget_in_priority_order():
+    items = [ready(False) for _ in range(6)]
+    # 4 rows x 500 frames = 2000 fits; a fifth row pads the batch to 8 x 500 = 4000 > 3000.
+    batch = pick_vocoder_batch(items, [500, 450, 400, 480, 300, 100], 3000, ladder_shape)
+    assert batch == items[:4]
+
+
+def test_a_head_over_budget_still_runs_alone():
+    head, other = ready(False), ready(False)
+    assert pick_vocoder_batch([head, other], [2000, 50], 1000, ladder_shape) == [head]
+
+
+def test_smaller_chunks_join_after_a_rejected_one():
+    a, b, c = ready(False), ready(False), ready(False)
+    # a + b = 2 x 1000 > 1500; a + c = 2 x 500 fits.
+    assert pick_vocoder_batch([a, b, c], [400, 1000, 100], 1500, ladder_shape) == [a, c]
+
+
+@pytest.mark.parametrize("unit,max_frames", [(50, 1000), (50, 300), (50, 260), (25, 2000)])
+def test_frame_buckets_cover_every_length_with_bounded_padding(unit, max_frames):
+    buckets = frame_buckets(unit, max_frames)
+    assert buckets == sorted(set(buckets)) and all(b % unit == 0 for b in buckets)
+    assert buckets[:6] == [unit * n for n in range(1, 7)] or buckets[-1] <= 6 * unit
+    assert buckets[-1] == -(-max_frames // unit) * unit
+    for frames in range(1, max_frames + 1):
+        padded = min(b for b in buckets if b >= frames)
+        # Past six chunks a length is padded by at most a third (ladder steps of about a quarter).
+        assert padded - frames < unit or padded <= frames * 4 / 3 + unit
