@@ -72,6 +72,54 @@ class _CapturedDecode:
         return self.logp[:n]
 
 
+class _CapturedExtend:
+    """One CUDA graph of a one-request prefill of up to `length` inputs attending over `key_len` positions.
+
+    Inputs are right-padded with zero embeddings. The padded inputs sit after every real one, so causal
+    attention keeps them out of the real outputs; they write keys and values into the request's own slot past
+    its last real position, which the next real input there overwrites before anything reads it."""
+
+    def __init__(self, runner: "ModelRunner", length: int, key_len: int, pool):
+        device = runner.device
+        hidden = runner.llm.llm.config.hidden_size
+        self.length = length
+        self.key_len = key_len
+        self.embeds = torch.zeros(1, length, hidden, dtype=runner.dtype, device=device)
+        self.slots = torch.zeros(1, dtype=torch.long, device=device)
+        self.positions = torch.arange(length, device=device).unsqueeze(0)
+        self.last = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.logp = self._forward(runner)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logp = self._forward(runner)
+
+    def _forward(self, runner: "ModelRunner") -> torch.Tensor:
+        attn = AttentionInputs.build(self.slots, self.positions, self.key_len)
+        hidden = runner.llm.llm(self.embeds, runner.cache.k, runner.cache.v, attn)
+        return runner.llm.logprobs(hidden[0].index_select(0, self.last))
+
+    def run(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        n = embeds.shape[1]
+        self.embeds.zero_()
+        self.embeds[:, :n].copy_(embeds)
+        self.slots.fill_(slot)
+        torch.arange(start, start + self.length, out=self.positions[0])
+        self.last.fill_(n - 1)
+        self.graph.replay()
+        return self.logp[0]
+
+
+def length_buckets(max_len: int) -> list[int]:
+    """Prefill lengths captured as graphs: prompts are short; longer inputs run eagerly (rare, and not
+    launch-bound)."""
+    return [n for n in (16, 32, 64, 128, 256) if n <= max_len]
+
+
 class ModelRunner:
     def __init__(self, llm: Qwen2LM, device: torch.device, dtype: torch.dtype, max_sessions: int, max_len: int,
                  use_cuda_graphs: bool = True):
@@ -83,6 +131,7 @@ class ModelRunner:
                              config.head_dim, dtype, device)
         self.max_len = max_len
         self.graphs: dict[tuple[int, int], _CapturedDecode] = {}
+        self.extend_graphs: dict[tuple[int, int], _CapturedExtend] = {}
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
 
     # --- inputs -----------------------------------------------------------------
@@ -107,6 +156,9 @@ class ModelRunner:
         if start + length > self.max_len:
             raise CacheFullError(f"context of {start + length} tokens exceeds the {self.max_len}-token limit")
         embeds = self.embed(pieces).unsqueeze(0)
+        graph = self._extend_graph_for(length, start)
+        if graph is not None:
+            return graph.run(embeds, slot, start).float().cpu()
         positions = torch.arange(start, start + length, device=self.device).unsqueeze(0)
         slots = torch.tensor([slot], dtype=torch.long, device=self.device)
         attn = AttentionInputs.build(slots, positions, start + length)
@@ -155,6 +207,12 @@ class ModelRunner:
                 return self.graphs[(size, keys)]
         return None
 
+    def _extend_graph_for(self, length: int, start: int) -> _CapturedExtend | None:
+        for size, keys in sorted(self.extend_graphs):
+            if size >= length and keys >= start + size:
+                return self.extend_graphs[(size, keys)]
+        return None
+
     def key_buckets(self) -> list[int]:
         buckets, keys = [], 256
         while keys < self.max_len:
@@ -172,3 +230,9 @@ class ModelRunner:
                 self.graphs[(size, keys)] = _CapturedDecode(self, size, keys, pool)
         log.info("captured %d decode CUDA graphs: batch %s x context %s", len(self.graphs),
                  batch_ladder(max_batch), self.key_buckets())
+        for size in sorted(length_buckets(self.max_len), reverse=True):
+            for keys in sorted(self.key_buckets(), reverse=True):
+                if keys >= size:
+                    self.extend_graphs[(size, keys)] = _CapturedExtend(self, size, keys, pool)
+        log.info("captured %d prefill CUDA graphs: length %s x context %s", len(self.extend_graphs),
+                 length_buckets(self.max_len), self.key_buckets())

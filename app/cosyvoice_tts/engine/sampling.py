@@ -44,8 +44,8 @@ def as_distribution(logp: "torch.Tensor | StepDistribution") -> StepDistribution
     return logp if isinstance(logp, StepDistribution) else StepDistribution(logp)
 
 
-def make_generator(seed: int) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
     return generator
 
