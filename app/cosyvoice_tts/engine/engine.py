@@ -21,6 +21,7 @@ from .kv_cache import CacheFullError
 from .lm_program import BistreamProgram, LMProtocolError, WholeTextProgram, pieces_length
 from .loader import build_modules
 from .flow_graphs import GraphedCFM
+from .hift_graphs import GraphedHiFT
 from .model_runner import DecodeRow, ModelRunner, batch_ladder
 from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, make_generator
@@ -63,6 +64,11 @@ class Engine:
             self.flow.decoder = self.flow_graphs
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
         self.scheduler = Scheduler(scheduler_config)
+        self.hift_graphs = None
+        if use_cuda_graphs and device.type == "cuda":
+            self.hift_graphs = GraphedHiFT(self.hift, batch_ladder(max_sessions), self.stream_config.source_cache_len,
+                                           self.scheduler.config.max_vocoder_frames)
+            self.token2wav.hift = self.hift_graphs
         self.registered: dict[str, dict] = {}
         self._pending: list[Request] = []
         self._active: list[Request] = []
@@ -112,6 +118,8 @@ class Engine:
             for batch, frames in shapes:
                 self.flow_graphs.capture(batch, frames)
             log.info("captured %d flow sampler CUDA graphs in %.1f s", len(shapes), time.monotonic() - started)
+        if self.hift_graphs is not None:
+            self.hift_graphs.capture_all()
         self.vocoder = VocoderWorker(self.token2wav, self.device, self._wake.set)
         self._thread = threading.Thread(target=self._loop, name="cosyvoice-engine", daemon=True)
         self._thread.start()
@@ -203,6 +211,9 @@ class Engine:
         if self.flow_graphs is not None:
             out["flow_graphed_calls"] = self.flow_graphs.calls["graphed"]
             out["flow_eager_calls"] = self.flow_graphs.calls["eager"]
+        if self.hift_graphs is not None:
+            out["hift_graphed_calls"] = self.hift_graphs.calls["graphed"]
+            out["hift_eager_calls"] = self.hift_graphs.calls["eager"]
         if self.device.type == "cuda":
             out["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
             out["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.device)

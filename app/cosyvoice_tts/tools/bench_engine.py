@@ -125,6 +125,23 @@ def check_flow_graphs(engine: Engine) -> float:
 
 
 @torch.inference_mode()
+def check_hift_graphs(engine: Engine) -> float:
+    """Graphed HiFT against eager on the same 3 chunks (50, 108 and 208 frames, two with a source cache)."""
+    device, hift = engine.device, engine.hift
+    source = torch.Generator(device="cpu").manual_seed(1)
+    mels = [torch.randn(1, 80, n, generator=source).to(device) for n in (50, 108, 208)]
+    cache_len = engine.stream_config.source_cache_len
+    caches = [None] + [torch.randn(1, 1, cache_len, generator=source).to(device) * 0.1 for _ in range(2)]
+
+    def gens():
+        return [torch.Generator(device).manual_seed(i) for i in range(3)]
+
+    graphed = engine.hift_graphs.inference_batch(mels, caches, gens())
+    eager = hift.inference_batch(mels, caches, gens())
+    return round(max(float((a[0] - b[0]).abs().max()) for a, b in zip(graphed, eager)), 7)
+
+
+@torch.inference_mode()
 def check_prefill_graphs(engine: Engine) -> float:
     """A graphed one-request prefill against the eager one (same slot, same 40 text tokens): max abs diff of
     the log-probabilities."""
@@ -171,7 +188,8 @@ def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int]
     from ..engine.voices import voice_prompt
 
     prompt = voice_prompt("sft", engine._voice(voice), engine._tokenize, None)
-    flow, hift, token2wav = engine.flow, engine.hift, engine.token2wav
+    flow, token2wav = engine.flow, engine.token2wav
+    hift = token2wav.hift  # the graphed wrapper when there is one
     totals: dict[str, float] = {}
     # Instance attributes shadow the methods for this run only (deleted again below).
     patched = ((flow.encoder, "encode", "encoder"), (flow.decoder, "forward", "sampler"),
@@ -191,7 +209,7 @@ def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int]
                                         speed=1.0, cfg=engine.stream_config)
                     state.tokens = torch.randint(0, 6561, (tokens,), generator=generator).tolist()
                     state.hop = tokens - engine.stream_config.pre_lookahead_len
-                    items.append((state, state.next_chunk(), torch.Generator().manual_seed(attempt)))
+                    items.append((state, state.next_chunk(), torch.Generator(engine.device).manual_seed(attempt)))
                 _sync(engine.device)
                 started = time.perf_counter()
                 token2wav.run_batch(items)
@@ -240,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
               "graph_capture_s": round(capture_s, 1), "text": args.text, "levels": []}
     if engine.flow_graphs is not None:
         report["flow_graph_vs_eager_max_abs_diff"] = check_flow_graphs(engine)
+    if engine.hift_graphs is not None:
+        report["hift_graph_vs_eager_max_abs_diff"] = check_hift_graphs(engine)
     if engine.runner.extend_graphs:
         report["prefill_graph_vs_eager_max_abs_diff"] = check_prefill_graphs(engine)
     print(json.dumps({k: v for k, v in report.items() if k != "levels"}), flush=True)
@@ -248,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         report["vocoder_stage_ms"] = vocoder_stage_times(engine, args.voice, shapes)
     for users in levels:
         keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "vocoder_s", "vocoder_batches",
-                "vocoder_items", "flow_graphed_calls", "flow_eager_calls")
+                "vocoder_items", "flow_graphed_calls", "flow_eager_calls", "hift_graphed_calls", "hift_eager_calls")
         before = engine.stats()
         summary = run_level(engine, users, args.duration, args.text, args.voice)
         after = engine.stats()

@@ -149,9 +149,10 @@ class HiFTGenerator(nn.Module):
         for item, c in enumerate(cache_sources):
             if c is not None:
                 cache[item, :, :c.shape[-1]] = c[0]
-        speech, source = self._synthesize(
-            mel_batch, torch.tensor(frames, device=mel_batch.device), cache,
-            torch.tensor(cache_lengths, device=mel_batch.device), generators)
+        lengths = torch.tensor(frames, device=mel_batch.device)
+        cache_lengths = torch.tensor(cache_lengths, device=mel_batch.device)
+        self._check(lengths, max(frames), cache_lengths)
+        speech, source = self._synthesize(mel_batch, lengths, cache, cache_lengths, generators)
         return [(speech[item:item + 1, :n * self.samples_per_frame],
                  source[item:item + 1, :, :n * self.samples_per_frame]) for item, n in enumerate(frames)]
 
@@ -170,26 +171,37 @@ class HiFTGenerator(nn.Module):
         if cache_source.dim() != 3 or cache_source.shape[:2] != (batch, 1):
             raise ValueError(f"cache_source must be [{batch}, 1, S], got {list(cache_source.shape)}")
         cache_lengths = torch.full((batch,), cache_source.shape[2], device=speech_feat.device)
+        if lengths is not None:
+            lengths = lengths.to(speech_feat.device)
+            if lengths.shape != (batch,):
+                raise ValueError(f"lengths must be [{batch}] frame counts")
+        frames = speech_feat.shape[2]
+        self._check(lengths if lengths is not None else torch.full((batch,), frames, device=speech_feat.device),
+                    frames, cache_lengths)
         return self._synthesize(speech_feat, lengths, cache_source, cache_lengths, generator)
 
+    def _check(self, lengths: torch.Tensor, n_frames: int, cache_lengths: torch.Tensor) -> None:
+        """Validation apart from the computation, which must stay free of host syncs (CUDA-graph capture)."""
+        if bool((lengths < 1).any()) or bool((lengths > n_frames).any()):
+            raise ValueError(f"lengths must be frame counts in 1..{n_frames}")
+        if bool((cache_lengths.to(lengths.device) > lengths * self.samples_per_frame).any()):
+            raise ValueError("cache_source is longer than the excitation it should start")
+
     def _synthesize(self, mel: torch.Tensor, lengths: torch.Tensor | None, cache: torch.Tensor,
-                    cache_lengths: torch.Tensor, generator: NoiseGenerator) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache_lengths: torch.Tensor, generator: NoiseGenerator,
+                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """noise: the source's standard normal noise [B, samples, harmonics] drawn beforehand (CUDA graphs),
+        instead of drawing it here from `generator`."""
         batch, _, n_frames = mel.shape
         n_samples = n_frames * self.samples_per_frame
-        if lengths is not None:
-            lengths = lengths.to(mel.device)
-            if lengths.shape != (batch,) or bool((lengths < 1).any()) or bool((lengths > n_frames).any()):
-                raise ValueError(f"lengths must be [{batch}] frame counts in 1..{n_frames}")
         item_samples = (lengths if lengths is not None
                         else torch.full((batch,), n_frames, device=mel.device)) * self.samples_per_frame
-        if bool((cache_lengths.to(mel.device) > item_samples).any()):
-            raise ValueError("cache_source is longer than the excitation it should start")
 
         mel = mel.to(self._compute_dtype())
         frame_mask = self._frame_mask(lengths, 1, n_frames, mel.dtype)
         mel = masked(mel, frame_mask)  # the convolutions must see zeros past an item, as when it is alone
         f0 = self.f0_predictor(mel, mask=frame_mask)
-        source = self.m_source(f0, lengths, generator)
+        source = self.m_source(f0, lengths, generator, noise)
         source = self._start_with_cache(source, cache, cache_lengths)
         if lengths is not None:
             source = source * self._frame_mask(lengths, self.samples_per_frame, n_samples, source.dtype)

@@ -53,7 +53,8 @@ class HarmonicNoiseSource(nn.Module):
         self.l_linear = nn.Linear(self.harmonics, 1)
 
     def forward(self, f0: torch.Tensor, frame_lengths: torch.Tensor | None = None,
-                generator: NoiseGenerator = None) -> torch.Tensor:
+                generator: NoiseGenerator = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """noise: `standard_noise(...)` drawn beforehand, used instead of drawing from `generator`."""
         batch, n_frames = f0.shape
         n_samples = n_frames * self.samples_per_frame
         # Phases accumulate over the whole utterance: float32 even when the network runs in half precision.
@@ -77,27 +78,29 @@ class HarmonicNoiseSource(nn.Module):
         sines = torch.sin(phase) * self.sine_amp
 
         noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
-        noise = noise_amp * self._standard_noise(batch, n_samples, frame_lengths, generator, f0.device)
+        if noise is None:
+            noise = self.standard_noise(batch, n_samples, frame_lengths, generator, f0.device)
+        noise = noise_amp * noise
         excitation = sines * voiced + noise
 
         merged = torch.tanh(self.l_linear(excitation.to(self.l_linear.weight.dtype)))
         return merged.float().transpose(1, 2)
 
-    def _standard_noise(self, batch: int, n_samples: int, frame_lengths: torch.Tensor | None,
-                        generator: NoiseGenerator, device: torch.device) -> torch.Tensor:
+    def standard_noise(self, batch: int, n_samples: int, frame_lengths: torch.Tensor | None,
+                       generator: NoiseGenerator, device: torch.device) -> torch.Tensor:
         """N(0, 1) noise [B, n_samples, harmonics], drawn in upstream's order (see the module docstring)."""
         if generator is None or isinstance(generator, torch.Generator):
-            return self._draw(batch, n_samples, generator, device)
+            return self.draw(batch, n_samples, generator, device)
         if len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
         lengths = [n_samples] * batch if frame_lengths is None else \
             [int(n) * self.samples_per_frame for n in frame_lengths.tolist()]
         noise = torch.zeros(batch, n_samples, self.harmonics, device=device)
         for item, (item_generator, item_samples) in enumerate(zip(generator, lengths)):
-            noise[item, :item_samples] = self._draw(1, item_samples, item_generator, device)[0]
+            noise[item, :item_samples] = self.draw(1, item_samples, item_generator, device)[0]
         return noise
 
-    def _draw(self, batch: int, n_samples: int, generator: torch.Generator | None,
+    def draw(self, batch: int, n_samples: int, generator: torch.Generator | None,
               device: torch.device) -> torch.Tensor:
         # Draw where the generator lives (per-request generators are CPU ones), then move.
         draw_device = device if generator is None else generator.device
