@@ -229,6 +229,17 @@ class Engine:
         # Two Python threads share the GIL (LM loop, vocoder); a short switch interval keeps either from
         # waiting the default 5 ms for it after each of its GPU waits.
         sys.setswitchinterval(0.0005)
+        if self.device.type != "cuda":
+            self._serve()
+            return
+        # LM steps are short and every stream waits on them; the vocoder's batches are long. On a stream of
+        # higher priority the GPU schedules LM kernels first whenever both have work queued.
+        lm_stream = torch.cuda.Stream(self.device, priority=-1)
+        lm_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(lm_stream):
+            self._serve()
+
+    def _serve(self) -> None:
         while not self._stopping:
             self._wake.clear()
             self._collect_vocoded()

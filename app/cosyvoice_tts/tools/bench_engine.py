@@ -160,6 +160,37 @@ def check_prefill_graphs(engine: Engine) -> float:
     return round(float((graphed - eager).abs().max()), 6)
 
 
+def profile_threads(engine: Engine, out_prefix: Path) -> list:
+    """cProfile the engine loop and the vocoder thread (before `engine.start()`); returns the profiles, written
+    as text (top 40 functions by own time) to OUT_PREFIX.{loop,vocoder}.txt by `write_thread_profiles`."""
+    import cProfile
+
+    from ..engine import vocoder_worker
+
+    profiles = []
+
+    def profiled(fn):
+        def run(*args, **kwargs):
+            profile = cProfile.Profile()
+            profiles.append((fn.__name__, profile))
+            return profile.runcall(fn, *args, **kwargs)
+        return run
+
+    engine._serve = profiled(engine._serve)
+    vocoder_worker.VocoderWorker._run = profiled(vocoder_worker.VocoderWorker._run)
+    return profiles
+
+
+def write_thread_profiles(profiles: list, out_prefix: Path) -> None:
+    import io
+    import pstats
+
+    for name, profile in profiles:
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(40)
+        Path(f"{out_prefix}.{name.strip('_')}.txt").write_text(text.getvalue())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -237,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default=TWENTY_WORDS)
     parser.add_argument("--voice", default="英文女")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile-threads", type=Path, metavar="PREFIX",
+                        help="cProfile the engine loop and vocoder threads over all levels; writes PREFIX.*.txt")
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,1x153,16x28,16x153 (batch x tokens)")
     args = parser.parse_args(argv)
@@ -248,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max_sessions,
                          use_cuda_graphs=not args.unbatched, scheduler_config=scheduler)
     load_s = time.monotonic() - t0
+    profiles = profile_threads(engine, args.profile_threads) if args.profile_threads else None
     t0 = time.monotonic()
     engine.start()
     capture_s = time.monotonic() - t0
@@ -276,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         report["levels"].append(summary)
         print(json.dumps(summary), flush=True)
     engine.shutdown()
+    if profiles is not None:
+        write_thread_profiles(profiles, args.profile_threads)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     return 0
