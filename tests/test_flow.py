@@ -13,6 +13,7 @@ from cosyvoice_tts.engine.modules.flow import (
     UpsampleConformerEncoder,
     join_prompt_and_tokens,
 )
+from cosyvoice_tts.engine.flow_graphs import GraphedEncoder, _CapturedEncoder
 from cosyvoice_tts.engine.modules.flow_cfm import reference_noise
 from cosyvoice_tts.engine.modules.flow_masks import attention_mask
 
@@ -299,3 +300,33 @@ def test_incremental_refuses_what_it_cannot_do_exactly(flow):
     assert not full_attention.supports_incremental()
     with pytest.raises(ValueError, match="static_chunk_size"):
         run_incremental(full_attention, req, 12, False, None)
+
+
+class EagerEncoderReplay(_CapturedEncoder):
+    """The graphed encoder's buffers and call, replayed eagerly (CUDA graphs need a GPU)."""
+
+    def __init__(self, encoder, batch, tokens, width, shared, pool):
+        self._bind(encoder, batch, tokens, width, shared)
+
+    def replay(self):
+        self.h, self.up_lens = self._run()
+
+
+def test_padded_encoder_buckets_give_the_unpadded_batch_result(flow):
+    """GraphedEncoder pads batch and length up to a bucket: the mels must not change."""
+    generator = torch.Generator().manual_seed(5)
+    reqs = [request(generator, p, t) for p, t in [(0, 10), (6, 17), (3, 7)]]
+    flags = dict(streaming=[True, True, False], finalize=[False, True, False])
+    plain = flow.inference_batch(**pad_batch(reqs), **flags)
+    graphed = GraphedEncoder(flow.encoder, [1, 2, 4], [8, 16, 32, 64], torch.float32)
+    graphed.capture_all([(b, t) for b in (1, 2, 4) for t in (8, 16, 32, 64)], flow.input_size,
+                        captured=EagerEncoderReplay)
+    inner, flow.encoder = flow.encoder, graphed
+    try:
+        padded = flow.inference_batch(**pad_batch(reqs), **flags)
+    finally:
+        flow.encoder = inner
+    assert graphed.calls == {"graphed": 1, "eager": 0}
+    for a, b in zip(plain, padded):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=0, atol=ATOL)

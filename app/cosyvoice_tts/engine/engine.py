@@ -20,7 +20,7 @@ from .errors import CapacityError, EngineError, InvalidRequestError, UnknownVoic
 from .kv_cache import CacheFullError
 from .lm_program import BistreamProgram, LMProtocolError, WholeTextProgram, pieces_length
 from .loader import build_modules
-from .flow_graphs import GraphedCFM
+from .flow_graphs import GraphedCFM, GraphedEncoder
 from .hift_graphs import GraphedHiFT
 from .model_runner import DecodeRow, ModelRunner, batch_ladder
 from .request import Request, SynthesisParams
@@ -57,11 +57,16 @@ class Engine:
                                           token_mel_ratio=int(getattr(model.flow, "token_mel_ratio", 2)))
         self.runner = ModelRunner(self.llm, device, dtype, max_sessions, max_context, use_cuda_graphs)
         self.flow_graphs = None
+        self.encoder_graphs = None
         if use_cuda_graphs and device.type == "cuda":
             chunk = int(getattr(self.flow.decoder.estimator, "static_chunk_size", 0) or 50)
             self.flow_graphs = GraphedCFM(self.flow.decoder, int(self.flow.output_size), batch_ladder(max_sessions),
                                           chunk, max_frames=max_graph_frames, dtype=flow_dtype)
             self.flow.decoder = self.flow_graphs
+            ratio = self.stream_config.token_mel_ratio
+            self.encoder_graphs = GraphedEncoder(self.flow.encoder, batch_ladder(max_sessions),
+                                                 [f // ratio for f in self.flow_graphs.frame_sizes], flow_dtype)
+            self.flow.encoder = self.encoder_graphs
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
         self.scheduler = Scheduler(scheduler_config)
         self.hift_graphs = None
@@ -118,6 +123,8 @@ class Engine:
             for batch, frames in shapes:
                 self.flow_graphs.capture(batch, frames)
             log.info("captured %d flow sampler CUDA graphs in %.1f s", len(shapes), time.monotonic() - started)
+            ratio = self.stream_config.token_mel_ratio
+            self.encoder_graphs.capture_all([(b, f // ratio) for b, f in shapes], int(self.flow.input_size))
         if self.hift_graphs is not None:
             self.hift_graphs.capture_all()
         self.vocoder = VocoderWorker(self.token2wav, self.device, self._wake.set)
@@ -211,6 +218,9 @@ class Engine:
         if self.flow_graphs is not None:
             out["flow_graphed_calls"] = self.flow_graphs.calls["graphed"]
             out["flow_eager_calls"] = self.flow_graphs.calls["eager"]
+        if self.encoder_graphs is not None:
+            out["encoder_graphed_calls"] = self.encoder_graphs.calls["graphed"]
+            out["encoder_eager_calls"] = self.encoder_graphs.calls["eager"]
         if self.hift_graphs is not None:
             out["hift_graphed_calls"] = self.hift_graphs.calls["graphed"]
             out["hift_eager_calls"] = self.hift_graphs.calls["eager"]

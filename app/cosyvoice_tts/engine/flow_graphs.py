@@ -138,3 +138,101 @@ class GraphedCFM(nn.Module):
             self.capture(batch, frames, steps)
             done += 1
         return done
+
+
+class _CapturedEncoder:
+    def __init__(self, encoder: nn.Module, batch: int, tokens: int, width: int, shared: dict, pool):
+        self._bind(encoder, batch, tokens, width, shared)
+        self.graph = torch.cuda.CUDAGraph()
+        device = self.xs.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.h, self.up_lens = self._run()
+
+    def _bind(self, encoder: nn.Module, batch: int, tokens: int, width: int, shared: dict) -> None:
+        self.encoder, self.batch, self.tokens, self.width = encoder, batch, tokens, width
+        dim = shared["xs"].shape[-1]
+        self.xs = shared["xs"][: batch * width].view(batch, width, dim)
+        self.token_lens = shared["token_lens"][:batch]
+        self.out_lens = shared["out_lens"][:batch]
+        self.streaming = shared["streaming"][:batch]
+
+    def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.encode(self.xs, self.token_lens, self.out_lens, self.streaming, max_out=self.tokens)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class GraphedEncoder(nn.Module):
+    """Drop-in for the flow's `encoder` whose batched `encode` replays captured graphs per (batch, tokens)
+    bucket (eager beyond them). The conformer stack is several hundred small kernels launched from Python on
+    the vocoder thread; replayed, it costs a few launches. Padding is exact: tokens past every request's end
+    are masked as a longer request's would be (see `encode`'s max_out), padded rows are independent."""
+
+    def __init__(self, encoder: nn.Module, batch_sizes: list[int], token_sizes: list[int], dtype: torch.dtype):
+        super().__init__()
+        self.inner = encoder
+        self.batch_sizes = sorted(batch_sizes)
+        self.token_sizes = sorted(token_sizes)
+        self.dtype = dtype
+        self.graphs: dict[tuple[int, int], _CapturedEncoder] = {}
+        self.calls = {"graphed": 0, "eager": 0}
+        self._shared: dict | None = None
+        self._pool = None
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def capture_all(self, shapes: list[tuple[int, int]], dim: int, captured=_CapturedEncoder) -> None:
+        """shapes: (batch, tokens) buckets. A capture that fails leaves the rest eager (logged), never the
+        engine down."""
+        lookahead = self.inner.pre_lookahead_len
+        device = next(self.inner.parameters()).device
+        rows = max(b * (t + lookahead) for b, t in shapes)
+        batch = max(b for b, _ in shapes)
+        self._shared = {
+            "xs": torch.zeros(rows, dim, dtype=torch.float32, device=device),
+            "token_lens": torch.ones(batch, dtype=torch.long, device=device),
+            "out_lens": torch.ones(batch, dtype=torch.long, device=device),
+            "streaming": torch.zeros(batch, dtype=torch.bool, device=device),
+        }
+        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        try:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                                                        cache_enabled=False):
+                for b, t in sorted(shapes, key=lambda s: -s[0] * s[1]):
+                    self.graphs[(b, t)] = captured(self.inner, b, t, t + lookahead, self._shared, self._pool)
+        except Exception:  # eager encoding is slower, not wrong: serve on without the graphs
+            log.exception("flow encoder graph capture failed; the encoder runs eagerly")
+            self.graphs.clear()
+            return
+        log.info("captured %d flow encoder CUDA graphs", len(self.graphs))
+
+    def encode(self, xs, token_lens, out_lens, streaming, max_out: int | None = None):
+        batch, width, _ = xs.shape
+        needed = int(out_lens.max()) if max_out is None else max_out
+        sizes = [b for b in self.batch_sizes if b >= batch]
+        lengths = [t for t in self.token_sizes if t >= needed]
+        key = (sizes[0], lengths[0]) if sizes and lengths else None
+        graph = self.graphs.get(key) if key is not None else None
+        if graph is None or xs.dtype != graph.xs.dtype or width > graph.width or not torch.is_tensor(streaming):
+            self.calls["eager"] += 1
+            return self.inner.encode(xs, token_lens, out_lens, streaming, max_out)
+        self.calls["graphed"] += 1
+        graph.xs.zero_()
+        graph.xs[:batch, :width].copy_(xs)
+        for static, value in ((graph.token_lens, token_lens), (graph.out_lens, out_lens)):
+            static.fill_(1)  # padded rows: one token, so no row attends over nothing
+            static[:batch].copy_(value)
+        graph.streaming.zero_()
+        graph.streaming[:batch].copy_(streaming)
+        graph.replay()
+        return graph.h[:batch], graph.up_lens[:batch]

@@ -125,6 +125,33 @@ def check_flow_graphs(engine: Engine) -> float:
 
 
 @torch.inference_mode()
+def check_encoder_graphs(engine: Engine) -> float:
+    """The whole flow (graphed encoder + graphed sampler) against eager encoding, 3 requests of 28-153 tokens."""
+    flow, device = engine.flow, engine.device
+    generator = torch.Generator(device="cpu").manual_seed(2)
+    lengths = [28, 78, 153]
+    tokens = torch.zeros(3, max(lengths), dtype=torch.int32)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = torch.randint(0, 6561, (n,), generator=generator)
+    inputs = dict(token=tokens.to(device), token_len=torch.tensor(lengths, device=device),
+                  prompt_token=torch.zeros(3, 1, dtype=torch.int32, device=device),
+                  prompt_token_len=torch.zeros(3, dtype=torch.long, device=device),
+                  prompt_feat=torch.zeros(3, 0, 80, device=device),
+                  prompt_feat_len=torch.zeros(3, dtype=torch.long, device=device),
+                  embedding=torch.randn(3, 192, generator=generator).to(device),
+                  streaming=[True, True, True], finalize=[False, False, True])
+    dtype = engine.flow_graphs.dtype
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+        graphed = flow.inference_batch(**inputs)
+        flow.encoder = engine.encoder_graphs.inner
+        try:
+            eager = flow.inference_batch(**inputs)
+        finally:
+            flow.encoder = engine.encoder_graphs
+    return round(max(float((a - b).abs().max()) for a, b in zip(graphed, eager)), 6)
+
+
+@torch.inference_mode()
 def check_hift_graphs(engine: Engine) -> float:
     """Graphed HiFT against eager on the same 3 chunks (50, 108 and 208 frames, two with a source cache)."""
     device, hift = engine.device, engine.hift
@@ -158,37 +185,6 @@ def check_prefill_graphs(engine: Engine) -> float:
     finally:
         runner.cache.release(slot)
     return round(float((graphed - eager).abs().max()), 6)
-
-
-def profile_threads(engine: Engine, out_prefix: Path) -> list:
-    """cProfile the engine loop and the vocoder thread (before `engine.start()`); returns the profiles, written
-    as text (top 40 functions by own time) to OUT_PREFIX.{loop,vocoder}.txt by `write_thread_profiles`."""
-    import cProfile
-
-    from ..engine import vocoder_worker
-
-    profiles = []
-
-    def profiled(fn):
-        def run(*args, **kwargs):
-            profile = cProfile.Profile()
-            profiles.append((fn.__name__, profile))
-            return profile.runcall(fn, *args, **kwargs)
-        return run
-
-    engine._serve = profiled(engine._serve)
-    vocoder_worker.VocoderWorker._run = profiled(vocoder_worker.VocoderWorker._run)
-    return profiles
-
-
-def write_thread_profiles(profiles: list, out_prefix: Path) -> None:
-    import io
-    import pstats
-
-    for name, profile in profiles:
-        text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(40)
-        Path(f"{out_prefix}.{name.strip('_')}.txt").write_text(text.getvalue())
 
 
 def _sync(device: torch.device) -> None:
@@ -268,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default=TWENTY_WORDS)
     parser.add_argument("--voice", default="英文女")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--profile-threads", type=Path, metavar="PREFIX",
-                        help="cProfile the engine loop and vocoder threads over all levels; writes PREFIX.*.txt")
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,1x153,16x28,16x153 (batch x tokens)")
     args = parser.parse_args(argv)
@@ -281,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max_sessions,
                          use_cuda_graphs=not args.unbatched, scheduler_config=scheduler)
     load_s = time.monotonic() - t0
-    profiles = profile_threads(engine, args.profile_threads) if args.profile_threads else None
     t0 = time.monotonic()
     engine.start()
     capture_s = time.monotonic() - t0
@@ -290,19 +283,25 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
               "dtype": args.dtype, "unbatched": args.unbatched, "load_s": round(load_s, 1),
               "graph_capture_s": round(capture_s, 1), "text": args.text, "levels": []}
-    if engine.flow_graphs is not None:
-        report["flow_graph_vs_eager_max_abs_diff"] = check_flow_graphs(engine)
-    if engine.hift_graphs is not None:
-        report["hift_graph_vs_eager_max_abs_diff"] = check_hift_graphs(engine)
-    if engine.runner.extend_graphs:
-        report["prefill_graph_vs_eager_max_abs_diff"] = check_prefill_graphs(engine)
+    checks = (("flow_graph", engine.flow_graphs is not None, check_flow_graphs),
+              ("flow_encoder_graph", engine.encoder_graphs is not None and engine.encoder_graphs.graphs,
+               check_encoder_graphs),
+              ("hift_graph", engine.hift_graphs is not None, check_hift_graphs),
+              ("prefill_graph", bool(engine.runner.extend_graphs), check_prefill_graphs))
+    for name, applies, check in checks:
+        if applies:
+            try:
+                report[f"{name}_vs_eager_max_abs_diff"] = check(engine)
+            except Exception as exc:  # a broken check must not cost the benchmark after it
+                report[f"{name}_vs_eager_max_abs_diff"] = f"check failed: {exc!r}"
     print(json.dumps({k: v for k, v in report.items() if k != "levels"}), flush=True)
     if args.stage_times:
         shapes = [tuple(int(v) for v in item.split("x")) for item in args.stage_times.split(",")]
         report["vocoder_stage_ms"] = vocoder_stage_times(engine, args.voice, shapes)
     for users in levels:
         keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "vocoder_s", "vocoder_batches",
-                "vocoder_items", "flow_graphed_calls", "flow_eager_calls", "hift_graphed_calls", "hift_eager_calls")
+                "vocoder_items", "flow_graphed_calls", "flow_eager_calls", "encoder_graphed_calls", "encoder_eager_calls",
+                "hift_graphed_calls", "hift_eager_calls")
         before = engine.stats()
         summary = run_level(engine, users, args.duration, args.text, args.voice)
         after = engine.stats()
@@ -310,8 +309,6 @@ def main(argv: list[str] | None = None) -> int:
         report["levels"].append(summary)
         print(json.dumps(summary), flush=True)
     engine.shutdown()
-    if profiles is not None:
-        write_thread_profiles(profiles, args.profile_threads)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -311,15 +311,18 @@ class UpsampleConformerEncoder(nn.Module):
     # -- whole sequences -------------------------------------------------------------------------------------
 
     def encode(self, xs: torch.Tensor, token_lens: torch.Tensor, out_lens: torch.Tensor,
-               streaming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               streaming: torch.Tensor, max_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched encoder over whole sequences.
 
         xs [B, T, D]: embedded tokens, left-aligned; token_lens [B]: real tokens per request (the
         lookahead context included); out_lens [B]: tokens to encode -- token_lens, or token_lens minus
         the lookahead when the last tokens only serve as context (streaming, not finalized); streaming
         [B] bool: static-chunk attention for that request. Returns (features [B, 2*max(out_lens), D],
-        their lengths [B])."""
-        max_out = int(out_lens.max())
+        their lengths [B]). max_out: the output width in tokens, at least max(out_lens) (given, the call has
+        no host sync and can be captured in a CUDA graph; larger widths are padding, masked like a longer
+        request's)."""
+        if max_out is None:
+            max_out = int(out_lens.max())
         # Beyond a request's last real token the lookahead must read zeros, as upstream's right padding does;
         # embedding the padding would not give zeros (the embed has a bias and a LayerNorm).
         x = self.embed(xs)
