@@ -155,6 +155,7 @@ class _CapturedEncoder:
 
     def _bind(self, encoder: nn.Module, batch: int, tokens: int, width: int, shared: dict) -> None:
         self.encoder, self.batch, self.tokens, self.width = encoder, batch, tokens, width
+        self.rel_tables = encoder.relative_tables(tokens, shared["xs"].device)
         dim = shared["xs"].shape[-1]
         self.xs = shared["xs"][: batch * width].view(batch, width, dim)
         self.token_lens = shared["token_lens"][:batch]
@@ -162,7 +163,8 @@ class _CapturedEncoder:
         self.streaming = shared["streaming"][:batch]
 
     def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder.encode(self.xs, self.token_lens, self.out_lens, self.streaming, max_out=self.tokens)
+        return self.encoder.encode(self.xs, self.token_lens, self.out_lens, self.streaming, max_out=self.tokens,
+                                   rel_tables=self.rel_tables)
 
     def replay(self) -> None:
         self.graph.replay()

@@ -311,7 +311,8 @@ class UpsampleConformerEncoder(nn.Module):
     # -- whole sequences -------------------------------------------------------------------------------------
 
     def encode(self, xs: torch.Tensor, token_lens: torch.Tensor, out_lens: torch.Tensor,
-               streaming: torch.Tensor, max_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               streaming: torch.Tensor, max_out: int | None = None,
+               rel_tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched encoder over whole sequences.
 
         xs [B, T, D]: embedded tokens, left-aligned; token_lens [B]: real tokens per request (the
@@ -320,7 +321,7 @@ class UpsampleConformerEncoder(nn.Module):
         [B] bool: static-chunk attention for that request. Returns (features [B, 2*max(out_lens), D],
         their lengths [B]). max_out: the output width in tokens, at least max(out_lens) (given, the call has
         no host sync and can be captured in a CUDA graph; larger widths are padding, masked like a longer
-        request's)."""
+        request's). rel_tables: `relative_tables(max_out)` made beforehand (a capture cannot copy them in)."""
         if max_out is None:
             max_out = int(out_lens.max())
         # Beyond a request's last real token the lookahead must read zeros, as upstream's right padding does;
@@ -333,23 +334,33 @@ class UpsampleConformerEncoder(nn.Module):
         x, _ = self.pre_lookahead_layer(x[:, :max_out], x[:, max_out:max_out + lookahead])
 
         valid = lengths_to_valid(out_lens, max_out)
-        x, _ = self._run_layers(self.encoders, x, attention_mask(valid, streaming, self.static_chunk_size))
+        x, _ = self._run_layers(self.encoders, x, attention_mask(valid, streaming, self.static_chunk_size),
+                                rel_table=rel_tables[0] if rel_tables else None)
 
         x = self.up_embed(self.up_layer(x))
         up_lens = out_lens * self.up_layer.stride
         up_valid = lengths_to_valid(up_lens, x.shape[1])
         up_mask = attention_mask(up_valid, streaming, self.static_chunk_size * self.up_layer.stride)
-        x, _ = self._run_layers(self.up_encoders, x, up_mask)
+        x, _ = self._run_layers(self.up_encoders, x, up_mask, rel_table=rel_tables[1] if rel_tables else None)
         if self.normalize_before:
             x = self.after_norm(x)
         return x, up_lens
 
-    def _run_layers(self, layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor, past_kv=None):
+    def relative_tables(self, max_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The relative position tables `encode(..., max_out)` uses for its two stacks, on `device`."""
+        dim = self._output_size
+        tokens, frames = max_out, max_out * self.up_layer.stride
+        return (relative_sinusoids(tokens - 1, 2 * tokens - 1, dim).to(device),
+                relative_sinusoids(frames - 1, 2 * frames - 1, dim).to(device))
+
+    def _run_layers(self, layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor, past_kv=None,
+                    rel_table: torch.Tensor | None = None):
         """Runs a conformer stack on frames at positions P..P+T-1 (P = cached length). Returns the output
         and the keys/values of every layer."""
         past_len = 0 if not past_kv else past_kv[0][0].shape[2]
         count = x.shape[1]
-        rel_table = relative_sinusoids(past_len + count - 1, past_len + 2 * count - 1, x.shape[-1]).to(x.device)
+        if rel_table is None:
+            rel_table = relative_sinusoids(past_len + count - 1, past_len + 2 * count - 1, x.shape[-1]).to(x.device)
         new_kv = []
         for index, layer in enumerate(layers):
             x, kv = layer(x, mask, rel_table, past_kv[index] if past_kv else None)
