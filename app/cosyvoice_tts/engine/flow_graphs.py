@@ -14,6 +14,8 @@ import logging
 import torch
 from torch import nn
 
+from .cuda_graphs import capture_graph
+
 log = logging.getLogger(__name__)
 
 
@@ -25,19 +27,12 @@ class _CapturedSampler:
         self.spks = torch.zeros(batch, feats, dtype=dtype, device=device)
         self.cond = torch.zeros(batch, feats, frames, dtype=dtype, device=device)
         self.flags = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.graph = torch.cuda.CUDAGraph()
 
         def run():
             return decoder(mu=self.mu, mask=self.mask, n_timesteps=n_timesteps, spks=self.spks, cond=self.cond,
                            streaming=self.flags)[0]
 
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.out = run()
+        self.graph, self.out = capture_graph(run, device, pool)
 
     def __call__(self, mu, mask, spks, cond, flags) -> torch.Tensor:
         batch, _, frames = mu.shape
@@ -143,15 +138,7 @@ class GraphedCFM(nn.Module):
 class _CapturedEncoder:
     def __init__(self, encoder: nn.Module, batch: int, tokens: int, width: int, shared: dict, pool):
         self._bind(encoder, batch, tokens, width, shared)
-        self.graph = torch.cuda.CUDAGraph()
-        device = self.xs.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self._run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.h, self.up_lens = self._run()
+        self.graph, (self.h, self.up_lens) = capture_graph(self._run, self.xs.device, pool)
 
     def _bind(self, encoder: nn.Module, batch: int, tokens: int, width: int, shared: dict) -> None:
         self.encoder, self.batch, self.tokens, self.width = encoder, batch, tokens, width

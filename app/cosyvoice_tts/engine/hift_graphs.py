@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from .cuda_graphs import capture_graph
 from .modules.hift import HiFTGenerator
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,7 @@ class _StaticInputs:
 class _CapturedHiFT:
     def __init__(self, hift: HiFTGenerator, batch: int, frames: int, cache_len: int, shared: _StaticInputs, pool):
         self._bind(hift, batch, frames, cache_len, shared)
-        self.graph = torch.cuda.CUDAGraph()
-        device = self.mel.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self._run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.speech, self.source = self._run()
+        self.graph, (self.speech, self.source) = capture_graph(self._run, self.mel.device, pool)
 
     def _bind(self, hift: HiFTGenerator, batch: int, frames: int, cache_len: int, shared: _StaticInputs) -> None:
         spf, harmonics = hift.samples_per_frame, hift.m_source.harmonics

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cuda_graphs import capture_graph
 from .kv_cache import CacheFullError, KVCache
 from .lm_program import Piece, pieces_length
 from .modules.llm import Qwen2LM
@@ -49,16 +50,9 @@ class _CapturedDecode:
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.slots = torch.full((batch,), runner.cache.scratch_slot, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.graph = torch.cuda.CUDAGraph()
-        # Warm up on a side stream before capture, as CUDA graph capture requires.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.logp = runner._decode_forward(self.tokens, self.slots, self.positions, key_len)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logp = runner._decode_forward(self.tokens, self.slots, self.positions, key_len)
+        self.graph, self.logp = capture_graph(
+            lambda: runner._decode_forward(self.tokens, self.slots, self.positions, key_len), device, pool,
+            warmups=2, error_mode="global")
 
     def run(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[0]
@@ -88,15 +82,8 @@ class _CapturedExtend:
         self.slots = torch.zeros(1, dtype=torch.long, device=device)
         self.positions = torch.arange(length, device=device).unsqueeze(0)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.logp = self._forward(runner)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logp = self._forward(runner)
+        self.graph, self.logp = capture_graph(lambda: self._forward(runner), device, pool, warmups=2,
+                                              error_mode="global")
 
     def _forward(self, runner: "ModelRunner") -> torch.Tensor:
         attn = AttentionInputs.build(self.slots, self.positions, self.key_len)

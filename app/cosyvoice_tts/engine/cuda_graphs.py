@@ -1,0 +1,27 @@
+"""Capturing one CUDA graph: the step every graphed stage (LM decode and prefill, flow encoder and sampler, HiFT)
+shares."""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def capture_graph(fn: Callable[[], T], device: torch.device, pool, warmups: int = 1,
+                  error_mode: str = "thread_local") -> tuple[torch.cuda.CUDAGraph, T]:
+    """Run `fn` `warmups` times on a side stream (lazy initialisation must not happen during capture, and
+    capture requires a non-default stream), then capture one call into a graph drawing on `pool`.
+    Returns the graph and the outputs of the captured call: tensors the graph rewrites on every replay.
+    error_mode "thread_local" lets other threads keep launching work on their own streams meanwhile."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
+        outputs = fn()
+    return graph, outputs
