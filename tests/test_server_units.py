@@ -187,12 +187,16 @@ def test_parse_args_flags():
     assert (cfg.gpu, cfg.port, cfg.backend, cfg.host, cfg.model_dir, cfg.dtype, cfg.max_sessions) == (
         3, 9000, "vllm", "0.0.0.0", "/m", "fp16", 4)  # fmt: skip
     assert (cfg.drain_timeout, cfg.auth_token, cfg.max_text_chars, cfg.max_connections) == (5.0, "t", 50, 16)
+    assert (cfg.max_context, cfg.gpu_memory_fraction) == (4096, 0.9)
+    cfg = parse_args(["--max-context", "2048", "--gpu-memory-fraction", "0.45"], environ={})
+    assert (cfg.max_context, cfg.gpu_memory_fraction) == (2048, 0.45)
 
 
 @pytest.mark.parametrize(
     "argv",
     [["--backend", "tensorrt"], ["--max-sessions", "0"], ["--port", "70000"], ["--fp16", "--dtype", "bf16"],
-     ["--drain-timeout", "-1"]],
+     ["--drain-timeout", "-1"], ["--max-context", "100"], ["--gpu-memory-fraction", "0"],
+     ["--gpu-memory-fraction", "1.5"]],
 )  # fmt: skip
 def test_parse_args_rejects(argv, capsys):
     with pytest.raises(SystemExit) as ei:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import CapacityError, EngineError, InvalidRequestError, UnknownVoiceError
-from .kv_cache import CacheFullError
+from .kv_cache import CacheFullError, MemoryBudgetError, ensure_kv_fits, kv_cache_bytes
 from .lm_program import BistreamProgram, LMProtocolError, WholeTextProgram, pieces_length
 from .loader import build_modules
 from .flow_graphs import GraphedCFM, GraphedEncoder
@@ -39,11 +39,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Engine:
     def __init__(self, model, frontend, device: torch.device, dtype: torch.dtype, max_sessions: int,
                  max_context: int, use_cuda_graphs: bool = True, scheduler_config: SchedulerConfig | None = None,
-                 max_graph_frames: int = 1000):
+                 max_graph_frames: int = 1000, gpu_memory_fraction: float | None = None):
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
         self.max_sessions = max_sessions
+        self.gpu_memory_fraction = gpu_memory_fraction
+        if gpu_memory_fraction is not None and device.type == "cuda":
+            # Everything this process allocates on the card (weights, KV cache, graphs, activations) stays within
+            # the fraction: an allocation past it fails here instead of starving a neighbour on the same GPU.
+            torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction, device)
         self.frontend = frontend
         self.sample_rate = int(model.hparams.get("sample_rate", 24000))
         self.llm = model.llm.to(device=device, dtype=dtype)
@@ -55,6 +60,13 @@ class Engine:
         self.ras = ras if isinstance(ras, RasConfig) else RasConfig()
         self.stream_config = StreamConfig(pre_lookahead_len=int(getattr(model.flow, "pre_lookahead_len", 3)),
                                           token_mel_ratio=int(getattr(model.flow, "token_mel_ratio", 2)))
+        if gpu_memory_fraction is not None and device.type == "cuda":
+            config = self.llm.llm.config
+            budget = int(gpu_memory_fraction * torch.cuda.get_device_properties(device).total_memory)
+            needed = kv_cache_bytes(config.num_hidden_layers, max_sessions, max_context, config.num_key_value_heads,
+                                    config.head_dim, dtype)
+            ensure_kv_fits(needed, torch.cuda.memory_allocated(device), budget, max_sessions, max_context,
+                           gpu_memory_fraction)
         self.runner = ModelRunner(self.llm, device, dtype, max_sessions, max_context, use_cuda_graphs)
         self.flow_graphs = None
         self.encoder_graphs = None
@@ -90,7 +102,10 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "fp32", max_sessions: int = 16,
              max_context: int = 4096, use_cuda_graphs: bool = True,
-             scheduler_config: SchedulerConfig | None = None, backend: str = "native") -> "Engine":
+             scheduler_config: SchedulerConfig | None = None, backend: str = "native",
+             gpu_memory_fraction: float | None = 0.9) -> "Engine":
+        """gpu_memory_fraction: the share of the card this worker may allocate (native backend; vLLM sizes its
+        own memory); None: no cap."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -101,6 +116,8 @@ class Engine:
                                    scheduler_config=scheduler_config)
         if backend not in ("native", "vllm"):
             raise ValueError(f"unknown backend {backend!r} (native or vllm)")
+        if gpu_memory_fraction is not None and not 0 < gpu_memory_fraction <= 1:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         torch_device = torch.device(device)
@@ -108,13 +125,25 @@ class Engine:
         model = build_modules(model_dir)
         frontend = Frontend(model_dir, torch_device)
         engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs,
-                     scheduler_config)
+                     scheduler_config, gpu_memory_fraction=gpu_memory_fraction)
         log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
         return engine
 
     def start(self) -> None:
         if self._thread is not None:
             return
+        try:
+            self._capture_graphs()
+        except torch.cuda.OutOfMemoryError as exc:
+            raise MemoryBudgetError(
+                f"out of GPU memory while capturing CUDA graphs for {self.max_sessions} sessions (memory fraction "
+                f"{self.gpu_memory_fraction}): lower --max-sessions or --max-context, or raise "
+                f"--gpu-memory-fraction") from exc
+        self.vocoder = VocoderWorker(self.token2wav, self.device, self._wake.set)
+        self._thread = threading.Thread(target=self._loop, name="cosyvoice-engine", daemon=True)
+        self._thread.start()
+
+    def _capture_graphs(self) -> None:
         self.runner.capture(self.max_sessions)
         if self.flow_graphs is not None:
             # Every shape a vocoder batch can take (see pick_vocoder_batch), so none is captured while serving.
@@ -127,9 +156,6 @@ class Engine:
             self.encoder_graphs.capture_all([(b, f // ratio) for b, f in shapes], int(self.flow.input_size))
         if self.hift_graphs is not None:
             self.hift_graphs.capture_all()
-        self.vocoder = VocoderWorker(self.token2wav, self.device, self._wake.set)
-        self._thread = threading.Thread(target=self._loop, name="cosyvoice-engine", daemon=True)
-        self._thread.start()
 
     def warmup(self) -> dict:
         voice = self.voices()[0]

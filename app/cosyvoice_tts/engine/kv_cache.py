@@ -12,6 +12,28 @@ class CacheFullError(RuntimeError):
     """A request's context would exceed its slot."""
 
 
+class MemoryBudgetError(RuntimeError):
+    """The configured sessions and context do not fit the GPU memory the worker may use."""
+
+
+def kv_cache_bytes(num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int,
+                   dtype: torch.dtype) -> int:
+    """What `KVCache` allocates for these settings (keys and values, every layer, the scratch slot included)."""
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return 2 * num_layers * (num_slots + 1) * max_len * kv_heads * head_dim * itemsize
+
+
+def ensure_kv_fits(needed: int, in_use: int, budget: int, sessions: int, context: int, fraction: float) -> None:
+    """Refuse to start, saying what to change, when the KV cache cannot fit next to what is already loaded."""
+    if in_use + needed <= budget:
+        return
+    gib = 2 ** 30
+    raise MemoryBudgetError(
+        f"the KV cache for {sessions} sessions x {context} tokens needs {needed / gib:.2f} GiB, but only "
+        f"{max(0, budget - in_use) / gib:.2f} GiB of the GPU memory fraction {fraction:g} ({budget / gib:.1f} GiB) "
+        f"is left after the model weights: lower --max-sessions or --max-context, or raise --gpu-memory-fraction")
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):

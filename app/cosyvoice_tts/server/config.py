@@ -21,6 +21,8 @@ class ServerConfig:
     model_dir: str | None = None
     dtype: str = "fp32"
     max_sessions: int = 16
+    max_context: int = 4096  # LM context per session (prompt + text + speech tokens): sizes the KV cache
+    gpu_memory_fraction: float = 0.9  # share of the card this worker may allocate (native backend)
     max_connections: int = 0  # 0: 4 x max_sessions
     drain_timeout: float = 30.0
     auth_token: str | None = field(default=None, repr=False)
@@ -55,6 +57,10 @@ class ServerConfig:
             raise ValueError("--drain-timeout must be >= 0 and --text-timeout > 0")
         if self.gpu < 0:
             raise ValueError("--gpu must be >= 0")
+        if self.max_context < 256:
+            raise ValueError("--max-context must be >= 256")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError("--gpu-memory-fraction must be in (0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="run in float16 (same as --dtype fp16)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="compute dtype (default fp32)")
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent requests; past it: 'busy' (default 16)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=4096,
+        help="LM context tokens per session (prompt + text + speech; 25 speech tokens per second of audio); "
+        "with --max-sessions it sizes the KV cache allocated at start (default 4096)",
+    )
+    p.add_argument(
+        "--gpu-memory-fraction",
+        type=float,
+        default=0.9,
+        help="share of the GPU's memory this worker may allocate (native backend; the worker refuses to start "
+        "when --max-sessions x --max-context does not fit) (default 0.9)",
+    )
     p.add_argument(
         "--max-connections", type=int, default=0, help="open WebSocket connections (default 4 x --max-sessions)"
     )
@@ -130,6 +150,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         model_dir=a.model_dir,
         dtype=dtype,
         max_sessions=a.max_sessions,
+        max_context=a.max_context,
+        gpu_memory_fraction=a.gpu_memory_fraction,
         max_connections=a.max_connections,
         drain_timeout=a.drain_timeout,
         auth_token=token or None,

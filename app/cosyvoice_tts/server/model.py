@@ -88,6 +88,7 @@ def default_model_dir(environ: dict[str, str] | None = None) -> Path:
 def load_engine(cfg: ServerConfig, device: str, dtype: str) -> Any:
     """Load (blocking) and start the engine. Returns the engine."""
     from ..engine import Engine
+    from ..engine.kv_cache import MemoryBudgetError
 
     if cfg.model_dir:
         model_dir = Path(cfg.model_dir)
@@ -95,15 +96,21 @@ def load_engine(cfg: ServerConfig, device: str, dtype: str) -> Any:
             raise StartupError(f"--model-dir {model_dir}: not a directory")
     else:
         model_dir = default_model_dir()
-    kwargs: dict[str, Any] = dict(device=device, dtype=dtype, max_sessions=cfg.max_sessions)
+    kwargs: dict[str, Any] = dict(device=device, dtype=dtype, max_sessions=cfg.max_sessions,
+                                  max_context=cfg.max_context)
     params = inspect.signature(Engine.load).parameters
+    if "gpu_memory_fraction" in params and cfg.backend == "native":
+        kwargs["gpu_memory_fraction"] = cfg.gpu_memory_fraction
     if "backend" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         kwargs["backend"] = cfg.backend
     elif cfg.backend != "native":
         raise StartupError(f"--backend {cfg.backend}: this engine build has no backend switch")
     log.info("loading %s on %s (%s, backend %s)", model_dir, device, dtype, cfg.backend)
-    engine = Engine.load(str(model_dir), **kwargs)
-    engine.start()
+    try:
+        engine = Engine.load(str(model_dir), **kwargs)
+        engine.start()
+    except MemoryBudgetError as exc:  # a configuration error: restarting cannot help
+        raise StartupError(str(exc)) from exc
     return engine
 
 
