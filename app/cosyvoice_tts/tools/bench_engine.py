@@ -187,6 +187,30 @@ def check_prefill_graphs(engine: Engine) -> float:
     return round(float((graphed - eager).abs().max()), 6)
 
 
+def batch_invariance(engine: Engine, text: str, voice: str, others: int) -> dict:
+    """The issue's "same seed, same output alone or batched" on this device: one request alone, then the same
+    request among `others` concurrent ones (other seeds); compares speech-token counts and audio."""
+    def submit(seed: int):
+        return engine.submit(SynthesisParams(voice=voice, seed=seed, stream=True), text=text)
+
+    alone = submit(7)
+    alone_audio = alone.audio()
+    crowd = [submit(7)] + [submit(1000 + i) for i in range(others)]
+    results: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, r.audio())) for i, r in enumerate(crowd)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batched_audio = results[0]
+    same_shape = batched_audio.shape == alone_audio.shape
+    return {"others": others,
+            "speech_tokens_alone": alone.summary["speech_tokens"],
+            "speech_tokens_batched": crowd[0].summary["speech_tokens"],
+            "audio_same_length": same_shape,
+            "audio_max_abs_diff": round(float(abs(batched_audio - alone_audio).max()), 7) if same_shape else None}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -264,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default=TWENTY_WORDS)
     parser.add_argument("--voice", default="英文女")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--check-batch-invariance", type=int, default=0, metavar="N",
+                        help="before the levels: one request alone vs the same request among N others")
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,1x153,16x28,16x153 (batch x tokens)")
     args = parser.parse_args(argv)
@@ -295,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a broken check must not cost the benchmark after it
                 report[f"{name}_vs_eager_max_abs_diff"] = f"check failed: {exc!r}"
     print(json.dumps({k: v for k, v in report.items() if k != "levels"}), flush=True)
+    if args.check_batch_invariance:
+        report["batch_invariance"] = batch_invariance(engine, args.text, args.voice, args.check_batch_invariance)
+        print(json.dumps({"batch_invariance": report["batch_invariance"]}), flush=True)
     if args.stage_times:
         shapes = [tuple(int(v) for v in item.split("x")) for item in args.stage_times.split(",")]
         report["vocoder_stage_ms"] = vocoder_stage_times(engine, args.voice, shapes)
