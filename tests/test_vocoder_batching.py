@@ -50,3 +50,45 @@ def test_frame_buckets_cover_every_length_with_bounded_padding(unit, max_frames)
         padded = min(b for b in buckets if b >= frames)
         # Past six chunks a length is padded by at most a third (ladder steps of about a quarter).
         assert padded - frames < unit or padded <= frames * 4 / 3 + unit
+
+
+def started(ahead_s: float, now: float = 100.0):
+    # Playing for 10 s from first_chunk_at, with `ahead_s` more audio than that delivered.
+    return SimpleNamespace(sample_rate=100, stats=SimpleNamespace(first_chunk_at=now - 10.0,
+                                                                 audio_samples=int((10.0 + ahead_s) * 100)))
+
+
+def test_a_stream_about_to_run_dry_outranks_first_chunks_which_outrank_safe_streams():
+    from cosyvoice_tts.engine.scheduler import chunk_priority
+
+    dry, new, safe, safer = started(0.2), ready(True), started(3.0), started(6.0)
+    order = sorted([safer, new, safe, dry], key=lambda r: chunk_priority(r, 100.0))
+    assert order == [dry, new, safe, safer]
+
+
+def test_stream_caches_are_copies_not_views_of_the_flow_output(tiny_model_dir):
+    """The flow's output can be a CUDA graph's buffer that the next replay rewrites (another request's mel)."""
+    import torch
+
+    from cosyvoice_tts.engine.loader import build_modules
+    from cosyvoice_tts.engine.token2wav import StreamConfig, StreamState, Token2Wav
+
+    class FlowWritingOneBuffer:
+        def __init__(self):
+            self.buffer = torch.zeros(1, 80, 400)
+
+        def inference_batch(self, token_len, finalize, **_):
+            self.buffer.normal_()
+            return [self.buffer[0, :, : 2 * (n - (0 if f else 3))] for n, f in zip(token_len.tolist(), finalize)]
+
+    cfg = StreamConfig()
+    flow = FlowWritingOneBuffer()
+    token2wav = Token2Wav(flow, build_modules(tiny_model_dir).hift, torch.device("cpu"), cfg)
+    state = StreamState(torch.zeros(1, 0, dtype=torch.int32), torch.zeros(1, 0, 80), torch.zeros(1, 192),
+                        stream=True, speed=1.0, cfg=cfg)
+    state.tokens = list(range(28))
+    token2wav.run_batch([(state, state.next_chunk(), torch.Generator().manual_seed(0))])
+    kept = [state.hift_mel.clone(), state.hift_source.clone(), state.hift_speech.clone()]
+    flow.buffer.normal_()  # the next replay
+    for before, now in zip(kept, (state.hift_mel, state.hift_source, state.hift_speech)):
+        assert torch.equal(before, now)

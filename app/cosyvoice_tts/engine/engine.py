@@ -48,7 +48,8 @@ class Engine:
         if gpu_memory_fraction is not None and device.type == "cuda":
             # Everything this process allocates on the card (weights, KV cache, graphs, activations) stays within
             # the fraction: an allocation past it fails here instead of starving a neighbour on the same GPU.
-            torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction, device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(float(gpu_memory_fraction), index)
         self.frontend = frontend
         self.sample_rate = int(model.hparams.get("sample_rate", 24000))
         self.llm = model.llm.to(device=device, dtype=dtype)
@@ -134,7 +135,9 @@ class Engine:
             return
         try:
             self._capture_graphs()
-        except torch.cuda.OutOfMemoryError as exc:
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError, or a capture that failed for lack of memory
+            if not isinstance(exc, torch.cuda.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+                raise
             raise MemoryBudgetError(
                 f"out of GPU memory while capturing CUDA graphs for {self.max_sessions} sessions (memory fraction "
                 f"{self.gpu_memory_fraction}): lower --max-sessions or --max-context, or raise "
@@ -289,7 +292,12 @@ class Engine:
             if not lm_work and not vocode:
                 if not self._active and not self._pending and self.vocoder.idle and self.flow_graphs is not None \
                         and self.flow_graphs.missing:
-                    self.flow_graphs.capture_missing(limit=1)  # idle: nothing else is on the GPU
+                    try:
+                        self.flow_graphs.capture_missing(limit=1)  # idle: nothing else is on the GPU
+                    except RuntimeError:  # e.g. the memory cap: those shapes stay eager, the loop lives on
+                        log.exception("capturing a flow graph failed; its shapes run eagerly")
+                        self.flow_graphs.missing.clear()
+                        self.flow_graphs.capture_disabled = True
                     continue
                 self._wake.wait()
                 continue

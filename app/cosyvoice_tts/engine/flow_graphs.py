@@ -77,6 +77,7 @@ class GraphedCFM(nn.Module):
         # Shapes met while serving that have no graph yet: they run eagerly, and the engine captures them
         # when it is idle (capturing while the LM thread launches kernels would corrupt the capture).
         self.missing: set[tuple[int, int, int]] = set()
+        self.capture_disabled = False  # set after a capture failed while serving: stay eager, stop retrying
         self.calls = {"graphed": 0, "eager": 0}
 
     def __getattr__(self, name):
@@ -117,7 +118,7 @@ class GraphedCFM(nn.Module):
         bucket = self._bucket(batch, frames)
         key = None if bucket is None else (*bucket, n_timesteps)
         if temperature != 1.0 or key is None or not torch.is_tensor(streaming) or key not in self.graphs:
-            if key is not None and temperature == 1.0:
+            if key is not None and temperature == 1.0 and not self.capture_disabled:
                 self.missing.add(key)
             self.calls["eager"] += 1
             return self.inner(mu, mask, n_timesteps, temperature, spks, cond, streaming)

@@ -14,6 +14,9 @@ from .lm_program import pieces_length
 from .request import Request
 
 
+STALL_GUARD_S = 0.5  # a started stream with less audio ahead than this outranks first chunks at the vocoder
+
+
 @dataclass
 class StepPlan:
     extend: list[Request] = field(default_factory=list)
@@ -32,6 +35,18 @@ class SchedulerConfig:
 def is_single_speech_token(request: Request) -> bool:
     pieces = request.program.lm_input
     return len(pieces) == 1 and pieces[0][0] == "speech" and len(pieces[0][1]) == 1
+
+
+def chunk_priority(request: Request, now: float) -> tuple[int, float]:
+    """Vocoder order: streams about to run dry, then first chunks, then the rest by audio buffered ahead.
+
+    First chunks go ahead of streams that are safely ahead of playback, but not of one that would stall while
+    a first-chunk batch runs: otherwise a steady arrival of new requests could hold a long stream's next chunk
+    back until its listener hears a gap."""
+    ahead = audio_ahead_s(request, now)
+    if request.stats.first_chunk_at is None:
+        return 1, ahead
+    return (0 if ahead < STALL_GUARD_S else 2), ahead
 
 
 def audio_ahead_s(request: Request, now: float) -> float:
@@ -73,7 +88,7 @@ class Scheduler:
         now = time.monotonic()
         ready = [r for r in active
                  if r.stream is not None and not r.vocoding and r.stream.next_chunk() is not None]
-        ready.sort(key=lambda r: (r.stats.first_chunk_at is not None, audio_ahead_s(r, now)))
+        ready.sort(key=lambda r: chunk_priority(r, now))
         plan.chunks = ready[:1] if self.config.max_decode_batch == 1 else ready
         return plan
 

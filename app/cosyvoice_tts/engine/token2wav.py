@@ -167,9 +167,10 @@ class Token2Wav:
             speech = self._cross_fade(speech, state.hift_speech)
         if finalize:
             return speech
-        state.hift_mel = mel[:, :, -cfg.mel_cache_len:]
-        state.hift_source = source[:, :, -cfg.source_cache_len:]
-        state.hift_speech = speech[:, -cfg.source_cache_len:]
+        # Copies, not views: the mel can be a CUDA graph's output, rewritten by the next replay (another request's).
+        state.hift_mel = mel[:, :, -cfg.mel_cache_len:].clone()
+        state.hift_source = source[:, :, -cfg.source_cache_len:].clone()
+        state.hift_speech = speech[:, -cfg.source_cache_len:].clone()
         # The tail is held back: the next chunk re-synthesises it and fades across.
         return speech[:, : -cfg.source_cache_len]
 
