@@ -145,7 +145,10 @@ class Token2Wav:
         speech = self._vocode_batch(states, new_mels, [c.finalize for c in chunks], [g for _, _, g in items])
         for state, chunk in zip(states, chunks):
             state.advance(chunk)
-        return [s.squeeze(0).cpu().numpy() for s in speech]
+        # One device-to-host copy for the batch (each .cpu() waits for the device).
+        lengths = [int(s.shape[-1]) for s in speech]
+        flat = torch.cat([s.reshape(-1) for s in speech]).cpu().numpy()
+        return np.split(flat, np.cumsum(lengths)[:-1])
 
     def _vocode_batch(self, states, mels, finalizes, generators) -> list[torch.Tensor]:
         inputs, caches = [], []
