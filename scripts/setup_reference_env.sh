@@ -5,13 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF_ENV=${REF_ENV:-.venv-ref}
-PYTHON=${PYTHON:-python3}
-quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
-if [ -f "$REF_ENV/.complete" ]; then
-    exit 0
-fi
-rm -rf "$REF_ENV"
-"$PYTHON" -m venv "$REF_ENV"
+. scripts/venv_lib.sh
+fresh_venv "$REF_ENV"
 "$REF_ENV/bin/pip" install -q "torch==2.13.0" "transformers==4.51.3" hyperpyyaml onnxruntime inflect omegaconf \
     einops conformer diffusers librosa soundfile tqdm regex hydra-core lightning rich gdown matplotlib wget numba \
     tiktoken more-itertools onnx 2>&1 | quiet

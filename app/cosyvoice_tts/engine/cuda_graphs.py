@@ -1,5 +1,5 @@
-"""Capturing one CUDA graph: the step every graphed stage (LM decode and prefill, flow encoder and sampler, HiFT)
-shares."""
+"""What every graphed stage (LM decode and prefill, flow encoder and sampler, HiFT) shares: capturing one CUDA
+graph, and the (batch, length) buckets that padded calls are replayed in."""
 from __future__ import annotations
 
 from typing import Callable, TypeVar
@@ -7,6 +7,19 @@ from typing import Callable, TypeVar
 import torch
 
 T = TypeVar("T")
+
+
+def bucket_for(batch_sizes: list[int], lengths: list[int], batch: int, length: int) -> tuple[int, int] | None:
+    """The smallest (batch, length) bucket that holds a call of this size; None past the largest."""
+    rows = [b for b in batch_sizes if b >= batch]
+    sizes = [n for n in lengths if n >= length]
+    return (min(rows), min(sizes)) if rows and sizes else None
+
+
+def buckets_within(batch_sizes: list[int], lengths: list[int], frame_rows: int) -> list[tuple[int, int]]:
+    """Every bucket of at most `frame_rows` padded batch x length (batch 1 always): what a vocoder batch bounded
+    by `max_vocoder_frames` can need."""
+    return [(b, n) for n in lengths for b in batch_sizes if b == 1 or b * n <= frame_rows]
 
 
 def capture_graph(fn: Callable[[], T], device: torch.device, pool, warmups: int = 1,

@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from .cuda_graphs import capture_graph
+from .cuda_graphs import bucket_for, buckets_within, capture_graph
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ class GraphedCFM(nn.Module):
             return getattr(self._modules["inner"], name)
 
     def _bucket(self, batch: int, frames: int) -> tuple[int, int] | None:
-        sizes = [b for b in self.batch_sizes if b >= batch]
-        lengths = [f for f in self.frame_sizes if f >= frames]
-        if not sizes or not lengths:
-            return None
-        return sizes[0], lengths[0]
+        return bucket_for(self.batch_sizes, self.frame_sizes, batch, frames)
 
     def padded_shape(self, batch: int, frames: int) -> tuple[int, int]:
         """The (batch, frames) a call of this size really computes: its graph's bucket, or itself if eager."""
@@ -99,7 +95,7 @@ class GraphedCFM(nn.Module):
 
     def shapes_within(self, frame_rows: int) -> list[tuple[int, int]]:
         """Every bucket a vocoder batch of at most `frame_rows` padded batch x frames can use (batch 1 always)."""
-        return [(b, f) for f in self.frame_sizes for b in self.batch_sizes if b == 1 or b * f <= frame_rows]
+        return buckets_within(self.batch_sizes, self.frame_sizes, frame_rows)
 
     def capture(self, batch: int, frames: int, n_timesteps: int = 10) -> None:
         bucket = self._bucket(batch, frames)
@@ -209,9 +205,7 @@ class GraphedEncoder(nn.Module):
     def encode(self, xs, token_lens, out_lens, streaming, max_out: int | None = None):
         batch, width, _ = xs.shape
         needed = int(out_lens.max()) if max_out is None else max_out
-        sizes = [b for b in self.batch_sizes if b >= batch]
-        lengths = [t for t in self.token_sizes if t >= needed]
-        key = (sizes[0], lengths[0]) if sizes and lengths else None
+        key = bucket_for(self.batch_sizes, self.token_sizes, batch, needed)
         graph = self.graphs.get(key) if key is not None else None
         if graph is None or xs.dtype != graph.xs.dtype or width > graph.width or not torch.is_tensor(streaming):
             self.calls["eager"] += 1

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from .cuda_graphs import capture_graph
+from .cuda_graphs import bucket_for, buckets_within, capture_graph
 from .modules.hift import HiFTGenerator
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class GraphedHiFT:
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every bucket a vocoder batch within `max_frame_rows` padded frame-rows can need (batch 1 always)."""
-        return [(b, f) for f in self.frame_buckets for b in self.batch_sizes if b == 1 or b * f <= self.max_frame_rows]
+        return buckets_within(self.batch_sizes, self.frame_buckets, self.max_frame_rows)
 
     @torch.inference_mode()
     def capture_all(self, captured=_CapturedHiFT) -> None:
@@ -86,11 +86,8 @@ class GraphedHiFT:
         log.info("captured %d HiFT CUDA graphs: frames %s", len(self.graphs), self.frame_buckets)
 
     def _bucket(self, batch: int, frames: int) -> tuple[int, int] | None:
-        sizes = [b for b in self.batch_sizes if b >= batch]
-        lengths = [f for f in self.frame_buckets if f >= frames]
-        if not sizes or not lengths or (sizes[0], lengths[0]) not in self.graphs:
-            return None
-        return sizes[0], lengths[0]
+        bucket = bucket_for(self.batch_sizes, self.frame_buckets, batch, frames)
+        return bucket if bucket in self.graphs else None
 
     @torch.inference_mode()
     def inference_batch(self, mels, cache_sources=None, generators=None) -> list[tuple[torch.Tensor, torch.Tensor]]:

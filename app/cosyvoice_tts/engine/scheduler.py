@@ -87,7 +87,7 @@ class Scheduler:
 
         now = time.monotonic()
         ready = [r for r in active
-                 if r.stream is not None and not r.vocoding and r.stream.next_chunk() is not None]
+                 if r.stream is not None and not r.vocoding and r.stream.has_chunk()]
         ready.sort(key=lambda r: chunk_priority(r, now))
         plan.chunks = ready[:1] if self.config.max_decode_batch == 1 else ready
         return plan
