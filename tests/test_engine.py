@@ -203,3 +203,22 @@ def test_request_alone_equals_batched_with_31_others(tiny_model_dir):
             np.testing.assert_allclose(batched_audio, audio, atol=1e-4)
     finally:
         engine.shutdown()
+
+
+def test_a_request_being_admitted_is_always_counted(tiny_model_dir):
+    """submit() counts pending + active under the lock; admission must never leave a request in neither, or
+    one more request than there are KV slots gets in (seen as a CacheFullError that killed the loop)."""
+    engine = Engine.load(tiny_model_dir, max_sessions=2)  # not started: _admit is driven by hand
+    for seed in range(2):
+        engine.submit(SynthesisParams(voice="中文女", seed=seed), text=TEXT_ZH)
+    allocate, seen = engine.runner.cache.allocate, []
+
+    def allocate_and_look():
+        seen.append(engine.active_count())
+        return allocate()
+
+    engine.runner.cache.allocate = allocate_and_look
+    engine._admit()
+    assert seen == [2, 2]
+    with pytest.raises(CapacityError):
+        engine.submit(SynthesisParams(voice="中文女"), text=TEXT_ZH)

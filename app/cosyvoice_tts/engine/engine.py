@@ -314,11 +314,17 @@ class Engine:
             self._fail(request, EngineError("draining", "the engine shut down"))
 
     def _admit(self) -> None:
+        # Pending to active in one step under the lock: a request in between would be counted by neither, and
+        # `submit` would let one more in than there are KV slots.
         with self._lock:
             new, self._pending = self._pending, []
+            self._active.extend(new)
         for request in new:
-            request.slot = self.runner.cache.allocate()
-            self._active.append(request)
+            try:
+                request.slot = self.runner.cache.allocate()
+            except CacheFullError:
+                self._fail(request, CapacityError(self.max_sessions))
+                continue
             self._start_segment(request)
 
     def _start_segment(self, request: Request) -> None:
