@@ -23,6 +23,7 @@ from .loader import build_modules
 from .flow_graphs import GraphedCFM, GraphedEncoder
 from .hift_graphs import GraphedHiFT
 from .model_runner import DecodeRow, ModelRunner, batch_ladder
+from .modules import pointwise
 from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, make_generator
 from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, pick_vocoder_batch
@@ -39,7 +40,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Engine:
     def __init__(self, model, frontend, device: torch.device, dtype: torch.dtype, max_sessions: int,
                  max_context: int, use_cuda_graphs: bool = True, scheduler_config: SchedulerConfig | None = None,
-                 max_graph_frames: int = 1000, gpu_memory_fraction: float | None = None):
+                 max_graph_frames: int = 1000, gpu_memory_fraction: float | None = None,
+                 compile_kernels: bool = True):
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -56,6 +58,12 @@ class Engine:
         # The flow runs in half precision only where the reference allows it (its fp16 switch); HiFT stays fp32.
         flow_dtype = torch.float16 if dtype != torch.float32 and device.type == "cuda" else torch.float32
         self.flow = model.flow.to(device)
+        if flow_dtype != torch.float32:
+            self.flow.store_weights_in(flow_dtype)
+        self.flow.decoder.estimator.fuse_projections()
+        self.llm.llm.model.model.fuse_projections()
+        # Fused elementwise kernels (torch.compile, GPU only: it needs Triton); checked, eager where unavailable.
+        self.compiled_kernels = compile_kernels and device.type == "cuda" and pointwise.use_compiled(device)
         self.hift = model.hift.to(device)
         ras = model.llm.sampling
         self.ras = ras if isinstance(ras, RasConfig) else RasConfig()
@@ -78,7 +86,8 @@ class Engine:
             self.flow.decoder = self.flow_graphs
             ratio = self.stream_config.token_mel_ratio
             self.encoder_graphs = GraphedEncoder(self.flow.encoder, batch_ladder(max_sessions),
-                                                 [f // ratio for f in self.flow_graphs.frame_sizes], flow_dtype)
+                                                 [f // ratio for f in self.flow_graphs.frame_sizes], flow_dtype,
+                                                 input_dtype=self.flow.input_embedding.weight.dtype)
             self.flow.encoder = self.encoder_graphs
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
         self.scheduler = Scheduler(scheduler_config)
@@ -104,9 +113,9 @@ class Engine:
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "fp32", max_sessions: int = 16,
              max_context: int = 4096, use_cuda_graphs: bool = True,
              scheduler_config: SchedulerConfig | None = None, backend: str = "native",
-             gpu_memory_fraction: float | None = 0.9) -> "Engine":
+             gpu_memory_fraction: float | None = 0.9, compile_kernels: bool = True) -> "Engine":
         """gpu_memory_fraction: the share of the card this worker may allocate (native backend; vLLM sizes its
-        own memory); None: no cap."""
+        own memory); None: no cap. compile_kernels: fused elementwise kernels on a GPU (modules/pointwise.py)."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -126,7 +135,7 @@ class Engine:
         model = build_modules(model_dir)
         frontend = Frontend(model_dir, torch_device)
         engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs,
-                     scheduler_config, gpu_memory_fraction=gpu_memory_fraction)
+                     scheduler_config, gpu_memory_fraction=gpu_memory_fraction, compile_kernels=compile_kernels)
         log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
         return engine
 

@@ -160,9 +160,11 @@ class GraphedEncoder(nn.Module):
     the vocoder thread; replayed, it costs a few launches. Padding is exact: tokens past every request's end
     are masked as a longer request's would be (see `encode`'s max_out), padded rows are independent."""
 
-    def __init__(self, encoder: nn.Module, batch_sizes: list[int], token_sizes: list[int], dtype: torch.dtype):
+    def __init__(self, encoder: nn.Module, batch_sizes: list[int], token_sizes: list[int], dtype: torch.dtype,
+                 input_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.inner = encoder
+        self.input_dtype = input_dtype  # of the embedded tokens the flow passes in (its embedding's dtype)
         self.batch_sizes = sorted(batch_sizes)
         self.token_sizes = sorted(token_sizes)
         self.dtype = dtype
@@ -185,7 +187,7 @@ class GraphedEncoder(nn.Module):
         rows = max(b * (t + lookahead) for b, t in shapes)
         batch = max(b for b, _ in shapes)
         self._shared = {
-            "xs": torch.zeros(rows, dim, dtype=torch.float32, device=device),
+            "xs": torch.zeros(rows, dim, dtype=self.input_dtype, device=device),
             "token_lens": torch.ones(batch, dtype=torch.long, device=device),
             "out_lens": torch.ones(batch, dtype=torch.long, device=device),
             "streaming": torch.zeros(batch, dtype=torch.bool, device=device),

@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--check-batch-invariance", type=int, default=0, metavar="N",
                         help="before the levels: one request alone vs the same request among N others")
+    parser.add_argument("--eager-kernels", action="store_true",
+                        help="no compiled elementwise kernels (the default compiles them on a GPU)")
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,1x153,16x28,16x153 (batch x tokens)")
     args = parser.parse_args(argv)
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = SchedulerConfig(max_decode_batch=1) if args.unbatched else None
     t0 = time.monotonic()
     engine = Engine.load(args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max_sessions,
-                         use_cuda_graphs=not args.unbatched, scheduler_config=scheduler)
+                         use_cuda_graphs=not args.unbatched, scheduler_config=scheduler,
+                         compile_kernels=not args.eager_kernels)
     load_s = time.monotonic() - t0
     t0 = time.monotonic()
     engine.start()
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(2):
         engine.warmup()
     report = {"device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
-              "dtype": args.dtype, "unbatched": args.unbatched, "load_s": round(load_s, 1),
+              "dtype": args.dtype, "unbatched": args.unbatched, "compiled_kernels": engine.compiled_kernels,
+              "load_s": round(load_s, 1),
               "graph_capture_s": round(capture_s, 1), "text": args.text, "levels": []}
     checks = (("flow_graph", engine.flow_graphs is not None, check_flow_graphs),
               ("flow_encoder_graph", engine.encoder_graphs is not None and engine.encoder_graphs.graphs,

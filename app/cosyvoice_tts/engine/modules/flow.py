@@ -109,6 +109,21 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.encoder_proj = nn.Linear(encoder.output_size(), output_size)
         self.decoder = decoder
 
+    def store_weights_in(self, dtype: torch.dtype) -> None:
+        """Half-precision weights, as upstream's fp16 mode holds them (`flow.half()`, run under autocast).
+
+        Under autocast, a linear or convolution with fp32 weights casts them on every call -- a kernel per weight
+        and bias, replayed by every CUDA graph -- to the very values stored here once. Normalisation layers run
+        in fp32 under autocast, so theirs stay fp32, holding the half-rounded values upstream's autocast would
+        cast back. Outputs under autocast are the same as upstream's fp16 mode; buffers (the fixed noise) keep
+        fp32 and are cast where used, as before."""
+        norms = (nn.LayerNorm, nn.GroupNorm)
+        with torch.no_grad():
+            for module in self.modules():
+                for name, param in module.named_parameters(recurse=False):
+                    rounded = param.to(dtype)
+                    param.data = rounded.float() if isinstance(module, norms) else rounded
+
     def speaker_condition(self, embedding: torch.Tensor) -> torch.Tensor:
         """[B, 192] x-vectors -> [B, 80]: unit-normalised, then projected."""
         return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))

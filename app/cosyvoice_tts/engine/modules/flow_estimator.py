@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import pointwise
 from .flow_masks import attention_mask, per_request_flags
 from .flow_stream import FrameWindow
+from .fused_linear import FusedLinears
 
 
 class CausalConv1d(nn.Conv1d):
@@ -55,11 +57,9 @@ class CausalBlock1D(nn.Module):
                                    _SwapTimeAndChannels(), nn.Mish())
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, window: FrameWindow | None = None) -> torch.Tensor:
-        conv, *rest = self.block
+        conv, _, norm, _, _ = self.block
         h = conv(x * mask, window)
-        for layer in rest:
-            h = layer(h)
-        return h * mask
+        return pointwise.norm_mish(h, norm.weight, norm.bias, norm.eps, mask)
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -130,6 +130,11 @@ class SelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])  # [1] is a dropout upstream
+        self.qkv: FusedLinears | None = None
+
+    def fuse_projections(self) -> None:
+        """q, k and v from one GEMM (see fused_linear.py); the results are the same products."""
+        self.qkv = FusedLinears([self.to_q, self.to_k, self.to_v])
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.dim_head).transpose(1, 2)
@@ -137,10 +142,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, window: FrameWindow | None = None) -> torch.Tensor:
         """x [B, T, dim]; mask [B, T, P+T] bool (True: may attend), P = frames before x (0 unless
         incremental, where their keys/values come from the window's memory)."""
-        k, v = self._heads(self.to_k(x)), self._heads(self.to_v(x))
+        if self.qkv is not None:
+            q, k, v = (self._heads(p) for p in self.qkv(x))
+        else:
+            q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(x)), self._heads(self.to_v(x))
         if window is not None:
             k, v = window.attention_keys_values(self, k, v)
-        out = F.scaled_dot_product_attention(self._heads(self.to_q(x)), k, v, attn_mask=mask.unsqueeze(1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.dim_head)
         return self.to_out[0](out)
 
@@ -183,8 +191,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, window: FrameWindow | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), mask, window)
-        return x + self.ff(self.norm3(x))
+        norm = self.norm3
+        x, h = pointwise.add_layer_norm(x, self.attn1(self.norm1(x), mask, window), norm.weight, norm.bias, norm.eps)
+        return x + self.ff(h)
 
 
 class CausalConditionalDecoder(nn.Module):
@@ -244,6 +253,11 @@ class CausalConditionalDecoder(nn.Module):
             ]))
         self.final_block = CausalBlock1D(channels[0], channels[0])
         self.final_proj = nn.Conv1d(channels[0], out_channels, 1)
+
+    def fuse_projections(self) -> None:
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.fuse_projections()
 
     def supports_incremental(self) -> bool:
         """Exact incremental evaluation needs chunked attention and a single U-Net level (the strided

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import pointwise
+from .fused_linear import FusedLinears
+
 
 @dataclass(frozen=True)
 class Qwen2Config:
@@ -55,11 +58,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference, then return to the model dtype before the gain.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return pointwise.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -73,17 +72,6 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos/sin [B, T, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
 
 
 @dataclass
@@ -117,6 +105,10 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv: FusedLinears | None = None
+
+    def fuse_projections(self) -> None:
+        self.qkv = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -128,11 +120,12 @@ class Qwen2Attention(nn.Module):
         attn: AttentionInputs,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin).transpose(1, 2)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
+        q = pointwise.rotary(q, cos, sin)
+        k = pointwise.rotary(k, cos, sin).transpose(1, 2)
         # Cache layout [slots, max_len, kv_heads, head_dim]; write then read so a token sees itself.
         rows = attn.slots.view(batch, 1).expand(batch, length)
         k_cache.index_put_((rows, attn.positions), k.to(k_cache.dtype))
@@ -149,9 +142,14 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up: FusedLinears | None = None
+
+    def fuse_projections(self) -> None:
+        self.gate_up = FusedLinears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(pointwise.silu_mul(gate, up))
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -163,8 +161,10 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, k_cache, v_cache, attn: AttentionInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, attn)
+        norm = self.post_attention_layernorm
+        x, h = pointwise.add_rms_norm(x, attended, norm.weight, norm.eps)
+        return x + self.mlp(h)
 
 
 class Qwen2Model(nn.Module):
@@ -175,6 +175,12 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up of every layer as one GEMM each (fused_linear.py): fewer kernels per decode step."""
+        for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def forward(self, inputs_embeds: torch.Tensor, k_caches, v_caches, attn: AttentionInputs) -> torch.Tensor:
         """inputs_embeds [B, T, H] -> final-normed hidden states [B, T, H] (what upstream takes as hidden_states[-1])."""

@@ -1,0 +1,50 @@
+"""Compiled elementwise kernels (modules/pointwise.py): the same model outputs, and eager where unavailable."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_flow import tiny_flow
+from test_fused_weights import _flow_args
+from test_llm import CONFIG, full_forward, random_body
+from cosyvoice_tts.engine.modules import pointwise
+
+
+@pytest.fixture
+def eager_afterwards():
+    yield
+    pointwise.use_eager()
+
+
+def test_a_failing_compiler_leaves_the_eager_kernels(monkeypatch, eager_afterwards):
+    def broken(fn, **_kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert pointwise.use_compiled(torch.device("cpu")) is False
+    assert not pointwise.compiled_enabled()
+    assert pointwise.rms_norm is pointwise._EAGER["rms_norm"]
+
+
+def test_a_compiled_kernel_that_disagrees_is_refused(monkeypatch, eager_afterwards):
+    monkeypatch.setattr(torch, "compile", lambda fn, **_kwargs: (lambda *args: fn(*args) * 1.5))
+    assert pointwise.use_compiled(torch.device("cpu")) is False
+    assert not pointwise.compiled_enabled()
+
+
+@torch.inference_mode()
+def test_compiled_kernels_give_the_same_lm_and_flow_outputs(eager_afterwards):
+    model = random_body(1)
+    model.model.fuse_projections()
+    embeds = torch.randn(1, 7, CONFIG.hidden_size)
+    flow = tiny_flow(seed=2)
+    args = _flow_args()
+    hidden, mels = full_forward(model, embeds), flow.inference_batch(**args)
+    if not pointwise.use_compiled(torch.device("cpu")):
+        pytest.skip("torch.compile has no working compiler on this machine")
+    assert pointwise.compiled_enabled()
+    torch.testing.assert_close(full_forward(model, embeds), hidden, rtol=0, atol=1e-5)
+    for got, want in zip(flow.inference_batch(**args), mels):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
