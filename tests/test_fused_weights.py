@@ -6,8 +6,9 @@ import copy
 import torch
 from torch import nn
 
-from test_flow import tiny_flow
+from test_flow import ATOL, tiny_flow
 from test_llm import CONFIG, full_forward, random_body
+from cosyvoice_tts.engine.modules.flow_estimator import CausalConv1d
 from cosyvoice_tts.engine.modules.fused_linear import FusedLinears
 
 
@@ -53,13 +54,14 @@ def test_qwen2_with_joined_projections_gives_the_same_hidden_states():
 
 
 @torch.inference_mode()
-def test_estimator_with_joined_projections_gives_the_same_mel():
+def test_estimator_with_joined_projections_and_matmul_convolutions_gives_the_same_mel():
     flow = tiny_flow(seed=4)
     args = _flow_args()
     expected = flow.inference_batch(**args)
     flow.decoder.estimator.fuse_projections()
+    assert all(m.matmul_weight is not None for m in flow.modules() if isinstance(m, CausalConv1d))
     for got, want in zip(flow.inference_batch(**args), expected):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
 
 
 @torch.inference_mode()

@@ -33,11 +33,37 @@ class CausalConv1d(nn.Conv1d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__(in_channels, out_channels, kernel_size)
         self.left_context = kernel_size - 1
+        # [out, kernel * in]: the weight as one matrix over `pointwise.causal_columns` (see prepare_matmul).
+        self.register_buffer("matmul_weight", None, persistent=False)
 
-    def forward(self, x: torch.Tensor, window: FrameWindow | None = None) -> torch.Tensor:
-        if window is None:
+    def prepare_matmul(self) -> None:
+        """Run as one GEMM over gathered input columns instead of cuDNN's convolution, which on these short
+        sequences costs more in layout transforms (of the input, the weight and the output, every call) than
+        in arithmetic. Same products, summed in another order. Written for the estimator's kernel 3."""
+        if self.kernel_size[0] != 3:
+            return
+        with torch.no_grad():
+            self.matmul_weight = self.weight.permute(0, 2, 1).reshape(self.out_channels, -1).contiguous()
+
+    def forward(self, x: torch.Tensor, window: FrameWindow | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, T], multiplied by mask [B, 1, T] first if given."""
+        if window is not None:
+            x = x if mask is None else x * mask
+            return super().forward(window.conv_input(self, x, self.left_context))
+        if self.matmul_weight is None:
+            x = x if mask is None else x * mask
             return super().forward(F.pad(x, (self.left_context, 0)))
-        return super().forward(window.conv_input(self, x, self.left_context))
+        if mask is None:  # the input is masked already; masking again leaves it as it is
+            mask = x.new_ones(1, 1, 1)
+        columns = pointwise.causal_columns(x, mask, pointwise.compute_dtype(x))
+        return F.linear(columns, self.matmul_weight, self.bias).transpose(1, 2)
+
+
+def pointwise_conv(conv: nn.Conv1d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A kernel-1 convolution of x * mask ([B, C, T]) as a matmul (see `CausalConv1d.prepare_matmul`)."""
+    frames = pointwise.masked_frames(x, mask, pointwise.compute_dtype(x))
+    return F.linear(frames, conv.weight[:, :, 0], conv.bias).transpose(1, 2)
 
 
 class _SwapTimeAndChannels(nn.Module):
@@ -56,10 +82,12 @@ class CausalBlock1D(nn.Module):
         self.block = nn.Sequential(CausalConv1d(dim, dim_out, 3), _SwapTimeAndChannels(), nn.LayerNorm(dim_out),
                                    _SwapTimeAndChannels(), nn.Mish())
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, window: FrameWindow | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, window: FrameWindow | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output plus `shift` (what the caller adds next, fused into the same kernel)."""
         conv, _, norm, _, _ = self.block
-        h = conv(x * mask, window)
-        return pointwise.norm_mish(h, norm.weight, norm.bias, norm.eps, mask)
+        h = conv(x, window, mask=mask)
+        return pointwise.norm_mish(h, norm.weight, norm.bias, norm.eps, mask, shift)
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -72,8 +100,12 @@ class CausalResnetBlock1D(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, time_emb: torch.Tensor,
                 window: FrameWindow | None = None) -> torch.Tensor:
-        h = self.block1(x, mask, window) + self.mlp(time_emb).unsqueeze(-1)
-        return self.block2(h, mask, window) + self.res_conv(x * mask)
+        h = self.block1(x, mask, window, shift=self.mlp(time_emb).unsqueeze(-1))
+        if window is None and self.block1.block[0].matmul_weight is not None:
+            residual = pointwise_conv(self.res_conv, x, mask)
+        else:
+            residual = self.res_conv(x * mask)
+        return self.block2(h, mask, window, shift=residual)
 
 
 class Downsample1D(nn.Module):
@@ -190,10 +222,16 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation_fn)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, window: FrameWindow | None = None) -> torch.Tensor:
-        norm = self.norm3
-        x, h = pointwise.add_layer_norm(x, self.attn1(self.norm1(x), mask, window), norm.weight, norm.bias, norm.eps)
-        return x + self.ff(h)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, window: FrameWindow | None = None,
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, dim], plus `pending`, a residual not yet added (the previous block's feed-forward output).
+        Returns (x, feed-forward output): the block's output is their sum, left to the caller so that the add
+        fuses with the next block's first norm. Norm outputs go to their linears in autocast's dtype."""
+        dtype = pointwise.compute_dtype(x)
+        x, h = pointwise.add_layer_norm(x, pending, self.norm1.weight, self.norm1.bias, self.norm1.eps, dtype)
+        x, h = pointwise.add_layer_norm(x, self.attn1(h, mask, window), self.norm3.weight, self.norm3.bias,
+                                        self.norm3.eps, dtype)
+        return x, self.ff(h)
 
 
 class CausalConditionalDecoder(nn.Module):
@@ -255,26 +293,41 @@ class CausalConditionalDecoder(nn.Module):
         self.final_proj = nn.Conv1d(channels[0], out_channels, 1)
 
     def fuse_projections(self) -> None:
+        """Fewer kernels per call, same model: q/k/v as one GEMM, convolutions as GEMMs. Call once the weights
+        are final (loaded, on their device and dtype)."""
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.fuse_projections()
+            elif isinstance(module, CausalConv1d):
+                module.prepare_matmul()
 
     def supports_incremental(self) -> bool:
         """Exact incremental evaluation needs chunked attention and a single U-Net level (the strided
         down/up convolutions between levels are not causal)."""
         return self.static_chunk_size > 0 and len(self.down_blocks) == 1
 
-    def _attend(self, blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor, streaming: torch.Tensor,
-                window: FrameWindow | None):
-        """Transformer blocks on [B, C, T] features at frame mask [B, 1, T]."""
-        if window is None:
-            attn_mask = attention_mask(mask[:, 0].bool(), streaming, self.static_chunk_size)
-        else:
-            keys = torch.ones(x.shape[0], window.start + x.shape[2], dtype=torch.bool, device=x.device)
-            attn_mask = attention_mask(keys, streaming, self.static_chunk_size, query_start=window.start)
+    def _attention_mask(self, mask: torch.Tensor, streaming: torch.Tensor, window: FrameWindow | None,
+                        masks: dict) -> torch.Tensor:
+        """The self-attention mask for frames at frame mask [B, 1, T]; built once per level and call (`masks`),
+        not once per block group."""
+        frames = mask.shape[2]
+        if frames not in masks:
+            if window is None:
+                masks[frames] = attention_mask(mask[:, 0].bool(), streaming, self.static_chunk_size)
+            else:
+                keys = torch.ones(mask.shape[0], window.start + frames, dtype=torch.bool, device=mask.device)
+                masks[frames] = attention_mask(keys, streaming, self.static_chunk_size, query_start=window.start)
+        return masks[frames]
+
+    @staticmethod
+    def _attend(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor, window: FrameWindow | None):
+        """Transformer blocks on [B, C, T] features."""
         x = x.transpose(1, 2)
+        pending = None
         for block in blocks:
-            x = block(x, attn_mask, window)
+            x, pending = block(x, attn_mask, window, pending)
+        if pending is not None:
+            x = x + pending
         return x.transpose(1, 2)
 
     def forward(self, x, mask, mu, t, spks=None, cond=None, streaming=False, window: FrameWindow | None = None):
@@ -294,25 +347,31 @@ class CausalConditionalDecoder(nn.Module):
             inputs.append(cond)
         h = torch.cat(inputs, dim=1)
 
-        skips, masks = [], [mask]
+        skips, masks, attn_masks = [], [mask], {}
+
+        def attend(blocks, x, level_mask):
+            return self._attend(blocks, x, self._attention_mask(level_mask, flags, window, attn_masks), window)
+
         for resnet, blocks, downsample in self.down_blocks:
             level_mask = masks[-1]
-            h = self._attend(blocks, resnet(h, level_mask, time_emb, window), level_mask, flags, window)
+            h = attend(blocks, resnet(h, level_mask, time_emb, window), level_mask)
             skips.append(h)
             h = self._resample(downsample, h * level_mask, window)
             masks.append(level_mask[:, :, ::2])
         masks.pop()  # the mask below the last level is never used
 
         for resnet, blocks in self.mid_blocks:
-            h = self._attend(blocks, resnet(h, masks[-1], time_emb, window), masks[-1], flags, window)
+            h = attend(blocks, resnet(h, masks[-1], time_emb, window), masks[-1])
 
         for resnet, blocks, upsample in self.up_blocks:
             level_mask = masks.pop()
             skip = skips.pop()
             h = torch.cat([h[:, :, :skip.shape[-1]], skip], dim=1)
-            h = self._attend(blocks, resnet(h, level_mask, time_emb, window), level_mask, flags, window)
+            h = attend(blocks, resnet(h, level_mask, time_emb, window), level_mask)
             h = self._resample(upsample, h * level_mask, window)
         h = self.final_block(h, level_mask, window)
+        if window is None and self.final_block.block[0].matmul_weight is not None:
+            return pointwise_conv(self.final_proj, h, level_mask) * mask
         return self.final_proj(h * level_mask) * mask
 
     @staticmethod

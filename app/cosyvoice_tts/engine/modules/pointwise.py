@@ -44,21 +44,46 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def norm_mish(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-              mask: torch.Tensor) -> torch.Tensor:
-    """The estimator's conv-block tail on [B, C, T]: LayerNorm over channels, Mish, frame mask."""
+def norm_mish(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, mask: torch.Tensor,
+              shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The estimator's conv-block tail on [B, C, T]: LayerNorm over channels, Mish, frame mask, then `shift`
+    added (the ResNet block's time embedding or residual branch, which follow the block)."""
     h = F.layer_norm(h.transpose(1, 2), (h.shape[1],), weight, bias, eps).transpose(1, 2)
-    return F.mish(h) * mask
+    h = F.mish(h) * mask
+    return h if shift is None else h + shift
 
 
-def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, layer_norm(x + delta)): a transformer block's residual add and the next pre-norm."""
-    x = x + delta
-    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, layer_norm(x + delta) in `dtype`): a transformer block's residual add and the next pre-norm,
+    whose output goes straight to a linear (in `dtype`, the type autocast would cast it to there)."""
+    if delta is not None:
+        x = x + delta
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(dtype)
 
 
-FUNCTIONS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "norm_mish", "add_layer_norm")
+def causal_columns(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, C, T] times mask [B, 1, T] -> [B, T, 3C] in `dtype`: for each frame the 3 input frames ending at it,
+    zeros before the start -- what a causal convolution of kernel 3 multiplies, so that it runs as one matmul.
+    Column j * C + c holds channel c of frame t - 2 + j."""
+    batch, channels, _ = x.shape
+    x = F.pad(x * mask, (2, 0))
+    return x.unfold(2, 3, 1).permute(0, 2, 3, 1).reshape(batch, -1, 3 * channels).to(dtype)
+
+
+def masked_frames(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, C, T] times mask [B, 1, T] -> [B, T, C] in `dtype`: the input of a kernel-1 convolution as a matmul."""
+    return (x * mask).transpose(1, 2).to(dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear on x computes in: autocast's where it is on, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+FUNCTIONS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "norm_mish", "add_layer_norm", "causal_columns",
+             "masked_frames")
 _EAGER = {name: globals()[name] for name in FUNCTIONS}
 
 
@@ -69,6 +94,7 @@ def use_eager() -> None:
 
 
 def compiled_enabled() -> bool:
+    """Whether any function runs compiled (one that failed has gone back to eager)."""
     return any(getattr(sys.modules[__name__], name) is not fn for name, fn in _EAGER.items())
 
 
@@ -77,12 +103,19 @@ def use_compiled(device: torch.device) -> bool:
     each on `device` against its eager version. Returns False, staying eager, where compilation is not available
     or a check fails (a missing compiler, say): slower, never wrong."""
     module = sys.modules[__name__]
+    # Each function meets a few input variants (layouts, dtypes, autocast on or off, batch 1), each compiled
+    # once at start-up, during the graphs' warm-up runs; the default limit of 8 is too tight for that.
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     try:
         compiled = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in _EAGER.items()}
         for name, args in _samples(device).items():
-            for dtype in (torch.bfloat16, torch.float16):
-                cast = [a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-                want, got = _EAGER[name](*cast), compiled[name](*cast)
+            # Half inputs as the LM runs them, and fp32 inputs under autocast as the flow runs them.
+            for dtype, autocast in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
+                cast = [a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and not autocast else a
+                        for a in args]
+                with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                    want, got = _EAGER[name](*cast), compiled[name](*cast)
                 for w, g in zip(_as_tuple(want), _as_tuple(got)):
                     torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
     except Exception:  # noqa: BLE001 - any failure here only costs speed
@@ -90,9 +123,22 @@ def use_compiled(device: torch.device) -> bool:
         use_eager()
         return False
     for name, fn in compiled.items():
-        setattr(module, name, fn)
+        setattr(module, name, _falling_back(name, fn))
     log.info("compiled elementwise kernels: %s", ", ".join(FUNCTIONS))
     return True
+
+
+def _falling_back(name: str, compiled):
+    """The compiled function, which hands over to the eager one for good if it ever fails (a variant that will
+    not compile, say): an engine runs on, slower, instead of failing a request or its start-up."""
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception:  # noqa: BLE001 - compilation problems of every kind: the eager version is exact
+            log.warning("compiled %s failed; running it eagerly from now on", name, exc_info=True)
+            setattr(sys.modules[__name__], name, _EAGER[name])
+            return _EAGER[name](*args)
+    return run
 
 
 def _as_tuple(x):
@@ -111,6 +157,8 @@ def _samples(device: torch.device) -> dict[str, tuple]:
         "add_rms_norm": (x, d, w, 1e-6),
         "rotary": (randn(2, 4, 3, 16), randn(2, 3, 16), randn(2, 3, 16)),
         "silu_mul": (x, d),
-        "norm_mish": (randn(2, 32, 5), randn(32), randn(32), 1e-5, randn(2, 1, 5)),
-        "add_layer_norm": (x, d, w, randn(64), 1e-5),
+        "norm_mish": (randn(2, 32, 5), randn(32), randn(32), 1e-5, randn(2, 1, 5), randn(2, 32, 1)),
+        "add_layer_norm": (x, d, w, randn(64), 1e-5, torch.float32),
+        "causal_columns": (randn(2, 8, 5), randn(2, 1, 5), torch.float32),
+        "masked_frames": (randn(2, 8, 5), randn(2, 1, 5), torch.float32),
     }
