@@ -106,6 +106,7 @@ class Engine:
         self._first_chunk_in_flight = False
         self._stopping = False
         self.counters = {"steps": 0, "decode_rows": 0, "chunks": 0, "extend_s": 0.0, "decode_s": 0.0,
+                         "decode_forward_s": 0.0, "sample_s": 0.0, "loop_s": 0.0,
                          "vocoder_batches": 0, "vocoder_items": 0}
 
     # --- construction -----------------------------------------------------------------
@@ -289,6 +290,7 @@ class Engine:
 
     def _serve(self) -> None:
         while not self._stopping:
+            started = time.perf_counter()
             self._wake.clear()
             self._collect_vocoded()
             self._admit()
@@ -312,6 +314,8 @@ class Engine:
                 continue
             if vocode:
                 self._hand_to_vocoder(plan.chunks)
+            # Host time between LM steps: collecting audio, admission, text, planning, handing chunks over.
+            self.counters["loop_s"] += time.perf_counter() - started
             if lm_work:
                 try:
                     self._run(plan)
@@ -410,6 +414,7 @@ class Engine:
         for request in requests:
             (_, (token,)), = request.program.take_input()
             rows.append(DecodeRow(request.slot, request.position, token))
+        t0 = time.perf_counter()
         try:
             logps = self.runner.decode(rows)
         except CacheFullError:
@@ -417,10 +422,14 @@ class Engine:
                 if request.position + 1 > self.runner.max_len:
                     self._fail(request, EngineError("context_full", "the request's context is full"))
             return
+        t1 = time.perf_counter()
         self.counters["decode_rows"] += len(rows)
         for request, logp in zip(requests, logps):
             request.position += 1
             self._after_lm(request, logp)
+        # The forward (ending in its device-to-host copy) and the per-request sampling on the CPU, apart.
+        self.counters["decode_forward_s"] += t1 - t0
+        self.counters["sample_s"] += time.perf_counter() - t1
 
     def _after_lm(self, request: Request, logp: torch.Tensor) -> None:
         try:

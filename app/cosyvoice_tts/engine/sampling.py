@@ -25,19 +25,26 @@ class RasConfig:
     tau_r: float = 0.1
 
 
-@dataclass
 class StepDistribution:
-    """One request's log-probabilities for one step, with its top-k candidates when the runner computed them
-    on the device for the whole batch (a single top-k there, instead of one per request on the CPU)."""
+    """One request's log-probabilities for one step, with its top-k candidates when the runner computed them on
+    the device for the whole batch (a single top-k there, instead of one per request on the CPU).
 
-    logp: torch.Tensor  # [V] fp32, CPU
-    top_probs: torch.Tensor | None = None  # softmax(logp).topk(k).values, descending, CPU
-    top_ids: torch.Tensor | None = None
+    The candidates are numpy views of the batch's host copy: the per-request sampling below then makes one torch
+    call per token, not seven. That matters beyond the arithmetic: every torch call releases the GIL, and while
+    the vocoder thread runs Python, taking it back can cost a whole switch interval."""
 
-    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.top_probs is not None and self.top_probs.numel() >= k:
+    def __init__(self, logp: torch.Tensor, top_probs: np.ndarray | torch.Tensor | None = None,
+                 top_ids: np.ndarray | torch.Tensor | None = None):
+        self.logp = logp  # [V] fp32, CPU
+        self.top_probs = None if top_probs is None else np.asarray(top_probs, dtype=np.float32)
+        self.top_ids = None if top_ids is None else np.asarray(top_ids)
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k most likely tokens' probabilities (descending, fp32) and ids."""
+        if self.top_probs is not None and self.top_probs.shape[0] >= k:
             return self.top_probs[:k], self.top_ids[:k]
-        return self.logp.softmax(dim=0).topk(min(k, self.logp.numel()))
+        probs, ids = self.logp.softmax(dim=0).topk(min(k, self.logp.numel()))
+        return probs.numpy(), ids.numpy()
 
 
 def as_distribution(logp: "torch.Tensor | StepDistribution") -> StepDistribution:
@@ -50,16 +57,23 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return generator
 
 
+def draw_one(probs: np.ndarray, generator: torch.Generator) -> int:
+    """`torch.multinomial(probs, 1, replacement=True, generator=generator)`, draw for draw: for one sample torch
+    takes argmax(p / q) with q ~ Exp(1), one per category from the generator. Only the draws are a torch call;
+    the division (fp32) and the argmax (first maximum) are the same in numpy."""
+    q = torch.empty(probs.shape[0], dtype=torch.float32).exponential_(1, generator=generator).numpy()
+    return int(np.argmax(probs / q))
+
+
 def nucleus_sample(logp, cfg: RasConfig, generator: torch.Generator) -> int:
     # Only the top_k most likely tokens can be kept, so a top-k selection stands in for the reference's full
     # stable sort (same order unless two probabilities are exactly equal) at a fraction of the cost.
     probs, order = as_distribution(logp).top(cfg.top_k)
-    # Keep a token while the mass before it is under top_p (accumulated in fp32, in order, as the reference does).
-    mass = np.cumsum(probs.numpy(), dtype=np.float32)
-    reached = np.flatnonzero(mass >= np.float32(cfg.top_p))
-    kept = len(probs) if reached.size == 0 else min(len(probs), int(reached[0]) + 1)
-    choice = probs[:kept].multinomial(1, replacement=True, generator=generator)
-    return int(order[:kept][choice])
+    # Keep a token while the mass before it is under top_p (accumulated in fp32, in order, as the reference does):
+    # up to and including the first whose running mass reaches top_p.
+    mass = np.cumsum(probs, dtype=np.float32)
+    kept = min(probs.shape[0], int(np.count_nonzero(mass < np.float32(cfg.top_p))) + 1)
+    return int(order[draw_one(probs[:kept], generator)])
 
 
 def random_sample(logp, generator: torch.Generator) -> int:

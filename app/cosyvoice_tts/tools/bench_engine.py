@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [tuple(int(v) for v in item.split("x")) for item in args.stage_times.split(",")]
         report["vocoder_stage_ms"] = vocoder_stage_times(engine, args.voice, shapes)
     for users in levels:
-        keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "vocoder_s", "vocoder_batches",
+        keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "decode_forward_s", "sample_s", "loop_s",
+                "vocoder_s", "vocoder_batches",
                 "vocoder_items", "flow_graphed_calls", "flow_eager_calls", "encoder_graphed_calls", "encoder_eager_calls",
                 "hift_graphed_calls", "hift_eager_calls")
         before = engine.stats()

@@ -172,8 +172,8 @@ class SelfAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.heads, self.dim_head).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, window: FrameWindow | None = None) -> torch.Tensor:
-        """x [B, T, dim]; mask [B, T, P+T] bool (True: may attend), P = frames before x (0 unless
-        incremental, where their keys/values come from the window's memory)."""
+        """x [B, T, dim]; mask [B, T, P+T]: bool (True: may attend) or added to the scores (0 / -inf), P =
+        frames before x (0 unless incremental, where their keys/values come from the window's memory)."""
         if self.qkv is not None:
             q, k, v = (self._heads(p) for p in self.qkv(x))
         else:
@@ -313,10 +313,14 @@ class CausalConditionalDecoder(nn.Module):
         frames = mask.shape[2]
         if frames not in masks:
             if window is None:
-                masks[frames] = attention_mask(mask[:, 0].bool(), streaming, self.static_chunk_size)
+                visible = attention_mask(mask[:, 0].bool(), streaming, self.static_chunk_size)
             else:
                 keys = torch.ones(mask.shape[0], window.start + frames, dtype=torch.bool, device=mask.device)
-                masks[frames] = attention_mask(keys, streaming, self.static_chunk_size, query_start=window.start)
+                visible = attention_mask(keys, streaming, self.static_chunk_size, query_start=window.start)
+            # As 0 / -inf in the dtype attention runs in: converted once here instead of in every block.
+            dtype = pointwise.compute_dtype(mask) if mask.is_floating_point() else torch.float32
+            masks[frames] = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+                ~visible, float("-inf"))
         return masks[frames]
 
     @staticmethod

@@ -80,7 +80,7 @@ class AttentionInputs:
 
     slots [B]: cache slot of each sequence; positions [B, T]: absolute position of each input token;
     key_len: how many cache positions to attend over (the longest context in the batch, or the cache's
-    full length for fixed-shape decode); mask [B, 1, T, key_len]: True where a key is visible.
+    full length for fixed-shape decode); mask [B, 1, T, key_len]: True (or 0.0) where a key is visible.
     """
 
     slots: torch.Tensor
@@ -89,9 +89,14 @@ class AttentionInputs:
     mask: torch.Tensor
 
     @classmethod
-    def build(cls, slots: torch.Tensor, positions: torch.Tensor, key_len: int) -> "AttentionInputs":
+    def build(cls, slots: torch.Tensor, positions: torch.Tensor, key_len: int,
+              dtype: torch.dtype | None = None) -> "AttentionInputs":
+        """dtype given: the mask as 0 / -inf in that dtype, which attention adds as it is. A boolean mask would be
+        converted to that in every layer (two kernels each); built here, it is converted once per forward."""
         keys = torch.arange(key_len, device=positions.device)
         mask = keys.view(1, 1, 1, key_len) <= positions.view(positions.shape[0], 1, positions.shape[1], 1)
+        if dtype is not None:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
         return cls(slots, positions, key_len, mask)
 
 

@@ -1,0 +1,40 @@
+"""The per-token draw without torch.multinomial's per-call overhead must stay torch.multinomial, draw for draw."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cosyvoice_tts.engine.sampling import RasConfig, StepDistribution, draw_one, make_generator, nucleus_sample
+
+
+def test_draw_one_is_torch_multinomial_draw_for_draw():
+    shapes = torch.Generator().manual_seed(1)
+    for seed in range(300):
+        n = int(torch.randint(1, 30, (1,), generator=shapes))
+        probs = torch.rand(n, generator=shapes).pow(4)
+        probs = probs / probs.sum()
+        ours, theirs = make_generator(seed), make_generator(seed)
+        for _ in range(4):  # consecutive draws too: the generator must advance the same way
+            assert draw_one(probs.numpy(), ours) == int(probs.multinomial(1, replacement=True, generator=theirs))
+
+
+def test_nucleus_sample_keeps_the_reference_rule():
+    """Top-k candidates, then tokens while the mass before them is under top_p, drawn as torch.multinomial."""
+    cfg = RasConfig(top_p=0.8, top_k=25)
+    logits = torch.randn(6564, generator=torch.Generator().manual_seed(3)) * 4
+    logp = logits.log_softmax(0)
+    probs, ids = logp.softmax(0).topk(32)
+    dist = StepDistribution(logp, probs.numpy(), ids.numpy())
+    sorted_probs = probs[:25]
+    kept, mass = 0, 0.0
+    for p in sorted_probs.tolist():  # the reference's loop, in fp32
+        if np.float32(mass) >= np.float32(0.8):
+            break
+        mass = float(np.float32(mass) + np.float32(p))
+        kept += 1
+    for seed in range(50):
+        reference = make_generator(seed)
+        expected = int(ids[int(sorted_probs[:kept].multinomial(1, replacement=True, generator=reference))])
+        assert nucleus_sample(dist, cfg, make_generator(seed)) == expected
+    # Without the device's candidates (a bare log-prob row) the same token comes out.
+    assert nucleus_sample(logp, cfg, make_generator(7)) == nucleus_sample(dist, cfg, make_generator(7))
