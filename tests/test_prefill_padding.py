@@ -40,3 +40,42 @@ def test_padded_prefill_equals_eager_prefill(tiny_model_dir):
     # Real positions of the cache hold the same keys; padding wrote only past them (later overwritten).
     for k in runner.cache.k:
         torch.testing.assert_close(k[b, :25], k[a, :25], atol=1e-5, rtol=0)
+
+
+class _EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay re-runs the captured function into the same output."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.out = fn()
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+@torch.inference_mode()
+def test_graph_path_decode_with_padded_rows_equals_eager_decode(tiny_model_dir, monkeypatch):
+    from cosyvoice_tts.engine import model_runner
+    from cosyvoice_tts.engine.model_runner import DecodeRow, _CapturedDecode
+
+    def fake_capture(fn, device, pool, **_kwargs):
+        graph = _EagerGraph(fn)
+        return graph, graph.out
+
+    monkeypatch.setattr(model_runner, "capture_graph", fake_capture)
+    engine = Engine.load(tiny_model_dir, max_sessions=4, max_context=512)
+    runner = engine.runner
+    slots = [runner.cache.allocate() for _ in range(4)]
+    prompt = [("sos", []), ("text", list(range(50, 70))), ("task", [])]
+    for slot in slots:
+        runner.extend(slot, 0, prompt)
+    eager = runner.decode([DecodeRow(slots[0], 22, 7), DecodeRow(slots[1], 22, 9)])
+    runner.graphs[(4, 256)] = _CapturedDecode(runner, 4, 256, None)  # 2 rows padded to 4
+    graphed = runner.decode([DecodeRow(slots[2], 22, 7), DecodeRow(slots[3], 22, 9)])
+    assert len(graphed) == 2
+    for got, want in zip(graphed, eager):
+        torch.testing.assert_close(got.logp, want.logp, atol=1e-5, rtol=0)
+        assert (got.top_ids[:5] == want.top_ids[:5]).all()
+    # The padded rows wrote only into the scratch slot.
+    for k in runner.cache.k:
+        torch.testing.assert_close(k[slots[2], :23], k[slots[0], :23], atol=1e-5, rtol=0)

@@ -275,9 +275,10 @@ class Engine:
     # --- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        # Two Python threads share the GIL (LM loop, vocoder); a short switch interval keeps either from
-        # waiting the default 5 ms for it after each of its GPU waits.
-        sys.setswitchinterval(0.0005)
+        # Two Python threads share the GIL (LM loop, vocoder). Every torch call releases it, and taking it back
+        # from a thread running Python waits up to the switch interval: with the default 5 ms (or even 0.5 ms),
+        # the LM loop's few dozen calls a step could wait longer than the step's GPU work.
+        sys.setswitchinterval(0.0001)
         if self.device.type != "cuda":
             self._serve()
             return

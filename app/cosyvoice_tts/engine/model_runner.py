@@ -41,30 +41,25 @@ def batch_ladder(max_batch: int) -> list[int]:
 
 
 class _CapturedDecode:
-    """One CUDA graph of the decode step for a fixed batch size, with its static input/output buffers."""
+    """One CUDA graph of the decode step for a fixed batch size: the forward and the candidates' top-k, packed
+    into one output buffer, so a step is one input copy, one replay and one output copy."""
 
     def __init__(self, runner: "ModelRunner", batch: int, key_len: int, pool):
         device = runner.device
         self.batch = batch
         self.key_len = key_len
-        self.scratch_slot = runner.cache.scratch_slot
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slots = torch.full((batch,), runner.cache.scratch_slot, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.graph, self.logp = capture_graph(
-            lambda: runner._decode_forward(self.tokens, self.slots, self.positions, key_len), device, pool,
-            warmups=2, error_mode="global")
+        # Rows: tokens, slots, positions; padded rows write into the scratch slot at position 0.
+        self.inputs = torch.zeros(3, batch, dtype=torch.long, device=device)
+        self.inputs[1].fill_(runner.cache.scratch_slot)
+        self.graph, self.out = capture_graph(
+            lambda: runner._decode_step(self.inputs[0], self.inputs[1], self.inputs[2].unsqueeze(1), key_len),
+            device, pool, warmups=2, error_mode="global")
 
-    def run(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        n = tokens.shape[0]
-        self.tokens[:n].copy_(tokens)
-        self.slots[:n].copy_(slots)
-        self.positions[:n, 0].copy_(positions)
-        if n < self.batch:
-            self.slots[n:].fill_(self.scratch_slot)
-            self.positions[n:].zero_()
+    def run(self, host: torch.Tensor) -> torch.Tensor:
+        """host [3, batch] (CPU, padded as above) -> the packed rows [batch, V + 2K] on the device."""
+        self.inputs.copy_(host, non_blocking=True)
         self.graph.replay()
-        return self.logp[:n]
+        return self.out
 
 
 class _CapturedExtend:
@@ -118,6 +113,8 @@ class ModelRunner:
         self.cache = KVCache(config.num_hidden_layers, max_sessions, max_len, config.num_key_value_heads,
                              config.head_dim, dtype, device)
         self.max_len = max_len
+        self.vocab = llm.llm_decoder.out_features
+        self.candidates = min(TOP_CANDIDATES, self.vocab)  # per row, copied back with the log-probs
         self.graphs: dict[tuple[int, int], _CapturedDecode] = {}
         self.extend_graphs: dict[tuple[int, int], _CapturedExtend] = {}
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
@@ -160,36 +157,44 @@ class ModelRunner:
         hidden = self.llm.llm(embeds, self.cache.k, self.cache.v, attn)
         return self.llm.logprobs(hidden[:, -1])
 
+    def _decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                     key_len: int) -> torch.Tensor:
+        """The forward and each row's top-k candidates, packed as [log-probs | top probs | top ids] (fp32; ids
+        are exact in fp32, the vocabulary being far below 2**24), for one device-to-host copy."""
+        logp = self._decode_forward(tokens, slots, positions, key_len).float()
+        top_probs, top_ids = logp.softmax(dim=-1).topk(self.candidates, dim=-1)
+        return torch.cat([logp, top_probs, top_ids.float()], dim=-1)
+
     @torch.inference_mode()
     def decode(self, rows: list[DecodeRow]) -> list[StepDistribution]:
         """One speech token for each row -> each row's distribution (log-probs on the CPU, fp32)."""
         for row in rows:
             if row.position + 1 > self.max_len:
                 raise CacheFullError(f"slot {row.slot}: context exceeds the {self.max_len}-token limit")
-        # One host tensor and one copy for the three inputs: fewer torch calls per step (each releases the GIL).
-        host = torch.tensor([[r.token for r in rows], [r.slot for r in rows], [r.position for r in rows]],
-                            dtype=torch.long)
+        count = len(rows)
         key_len = max(r.position for r in rows) + 1
-        tokens, slots, positions = host.to(self.device, non_blocking=True).unbind(0)
-        graph = self._graph_for(len(rows), key_len)
+        graph = self._graph_for(count, key_len)
+        pad = graph.batch - count if graph is not None else 0
+        # One host tensor for the three inputs, padded to the graph's batch: few torch calls per step (each
+        # releases the GIL, which the vocoder thread may then hold for a while).
+        host = torch.tensor([[r.token for r in rows] + [0] * pad,
+                             [r.slot for r in rows] + [self.cache.scratch_slot] * pad,
+                             [r.position for r in rows] + [0] * pad], dtype=torch.long)
         if graph is not None:
-            logp = graph.run(tokens, slots, positions)
+            packed = graph.run(host)
         else:
             # Eager: attend only as far as the longest context in the batch.
-            logp = self._decode_forward(tokens, slots, positions.unsqueeze(1), key_len)
-        return self._distributions(logp)
+            tokens, slots, positions = host.to(self.device).unbind(0)
+            packed = self._decode_step(tokens, slots, positions.unsqueeze(1), key_len)
+        return self._distributions(packed[:count].cpu())
 
-    def _distributions(self, logp: torch.Tensor) -> list[StepDistribution]:
-        """Per-row distributions with their top-k candidates, computed for the whole batch on the device."""
-        logp = logp.float()
-        vocab = logp.shape[-1]
-        top_probs, top_ids = logp.softmax(dim=-1).topk(min(TOP_CANDIDATES, vocab), dim=-1)
-        # One device-to-host copy for the three (ids are exact in fp32: the vocabulary is far below 2**24).
-        host = torch.cat([logp, top_probs, top_ids.float()], dim=-1).cpu()
-        rows = host.numpy()
-        probs, ids = rows[:, vocab:vocab + top_probs.shape[-1]], rows[:, vocab + top_probs.shape[-1]:].astype(np.int64)
-        logps = host[:, :vocab].unbind(0)
-        return [StepDistribution(logps[i], probs[i], ids[i]) for i in range(host.shape[0])]
+    def _distributions(self, packed: torch.Tensor) -> list[StepDistribution]:
+        """Per-row distributions from `_decode_step`'s packed rows (on the CPU): numpy views, no copies."""
+        vocab, candidates = self.vocab, self.candidates
+        rows = packed.numpy()
+        probs, ids = rows[:, vocab:vocab + candidates], rows[:, vocab + candidates:].astype(np.int64)
+        logps = packed[:, :vocab].unbind(0)
+        return [StepDistribution(logps[i], probs[i], ids[i]) for i in range(packed.shape[0])]
 
     # --- CUDA graphs ----------------------------------------------------------------
     def _graph_for(self, batch: int, key_len: int) -> _CapturedDecode | None:

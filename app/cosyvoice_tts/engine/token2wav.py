@@ -117,28 +117,33 @@ class Token2Wav:
         device = self.device
         states = [state for state, _, _ in items]
         chunks = [chunk for _, chunk, _ in items]
+        # Inputs gathered on the host and copied over once each: this thread shares the GIL with the LM loop,
+        # and every torch call it makes per request is a chance to keep the loop waiting.
         tokens = _pad_int([c.tokens for c in chunks], device)
         prompt_tokens = _pad_int([s.prompt_token[0].tolist() for s in states], device)
         feat_len = max(s.prompt_feat.shape[1] for s in states)
         prompt_feat = torch.zeros(len(items), feat_len, 80, device=device)
         for i, s in enumerate(states):
-            prompt_feat[i, : s.prompt_feat.shape[1]] = s.prompt_feat[0].to(device)
+            if s.prompt_feat.shape[1]:
+                prompt_feat[i, : s.prompt_feat.shape[1]] = s.prompt_feat[0].to(device)
+        lengths = torch.tensor([[len(c.tokens) for c in chunks], [s.prompt_token.shape[1] for s in states],
+                                [s.prompt_feat.shape[1] for s in states]]).to(device)
         with torch.autocast(device.type, dtype=self.flow_dtype, enabled=self.flow_dtype != torch.float32,
                             cache_enabled=False):
             mels = self.flow.inference_batch(
                 token=tokens,
-                token_len=torch.tensor([len(c.tokens) for c in chunks], device=device),
+                token_len=lengths[0],
                 prompt_token=prompt_tokens,
-                prompt_token_len=torch.tensor([s.prompt_token.shape[1] for s in states], device=device),
+                prompt_token_len=lengths[1],
                 prompt_feat=prompt_feat,
-                prompt_feat_len=torch.tensor([s.prompt_feat.shape[1] for s in states], device=device),
+                prompt_feat_len=lengths[2],
                 embedding=torch.cat([s.embedding for s in states]).to(device),
                 streaming=[s.stream for s in states],
                 finalize=[c.finalize for c in chunks],
             )
         new_mels = []
         for state, chunk, mel in zip(states, chunks, mels):
-            mel = mel.float().unsqueeze(0)[:, :, chunk.token_offset * self.cfg.token_mel_ratio:]
+            mel = mel[None, :, chunk.token_offset * self.cfg.token_mel_ratio:]  # float32 [1, 80, T]
             if chunk.finalize and state.speed != 1.0 and state.hift_mel is None:
                 mel = F.interpolate(mel, size=int(mel.shape[2] / state.speed), mode="linear")
             new_mels.append(mel)
@@ -187,8 +192,7 @@ class Token2Wav:
 
 def _pad_int(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    out = torch.zeros(len(rows), width, dtype=torch.int32)
+    out = np.zeros((len(rows), width), dtype=np.int32)
     for i, r in enumerate(rows):
-        if r:
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
-    return out.to(device)
+        out[i, : len(r)] = r
+    return torch.from_numpy(out).to(device)

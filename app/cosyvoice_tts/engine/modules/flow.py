@@ -192,7 +192,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         mel, _ = self.decoder(mu=mu, mask=mask, spks=speaker, cond=cond, n_timesteps=n_timesteps,
                               streaming=streaming_flags)
         starts, ends = prompt_feat_len.tolist(), mel_len.tolist()
-        return [mel[b, :, starts[b]:ends[b]].float() for b in range(batch)]
+        mel = mel.float()
+        return [mel[b, :, starts[b]:ends[b]] for b in range(batch)]
 
     # -- incremental streaming --------------------------------------------------------------------------------
 
