@@ -190,6 +190,27 @@ def test_parse_args_flags():
     assert (cfg.max_context, cfg.gpu_memory_fraction) == (4096, 0.9)
     cfg = parse_args(["--max-context", "2048", "--gpu-memory-fraction", "0.45"], environ={})
     assert (cfg.max_context, cfg.gpu_memory_fraction) == (2048, 0.45)
+    assert cfg.eager_kernels is False and parse_args(["--eager-kernels"], environ={}).eager_kernels is True
+
+
+@pytest.mark.parametrize("argv, compiled", [([], True), (["--eager-kernels"], False)])
+def test_load_engine_passes_the_kernel_choice(monkeypatch, tmp_path, argv, compiled):
+    from cosyvoice_tts.engine import Engine
+    from cosyvoice_tts.server.model import load_engine
+
+    seen = {}
+
+    class Started:
+        def start(self):
+            pass
+
+    def fake_load(model_dir, compile_kernels=None, **kwargs):  # load_engine passes what the signature names
+        seen.update(kwargs, compile_kernels=compile_kernels)
+        return Started()
+
+    monkeypatch.setattr(Engine, "load", fake_load)
+    load_engine(parse_args(["--model-dir", str(tmp_path)] + argv, environ={}), "cpu", "fp32")
+    assert seen["compile_kernels"] is compiled
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ class ServerConfig:
     max_sessions: int = 16
     max_context: int = 4096  # LM context per session (prompt + text + speech tokens): sizes the KV cache
     gpu_memory_fraction: float = 0.9  # share of the card this worker may allocate (native backend)
+    eager_kernels: bool = False  # no compiled elementwise kernels on the GPU (faster start, slower steps)
     max_connections: int = 0  # 0: 4 x max_sessions
     drain_timeout: float = 30.0
     auth_token: str | None = field(default=None, repr=False)
@@ -104,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "when --max-sessions x --max-context does not fit) (default 0.9)",
     )
     p.add_argument(
+        "--eager-kernels",
+        action="store_true",
+        help="native backend on a GPU: skip compiling the fused elementwise kernels (torch.compile): about a "
+        "minute less to start, slower decode and flow steps",
+    )
+    p.add_argument(
         "--max-connections", type=int, default=0, help="open WebSocket connections (default 4 x --max-sessions)"
     )
     p.add_argument(
@@ -152,6 +159,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         max_sessions=a.max_sessions,
         max_context=a.max_context,
         gpu_memory_fraction=a.gpu_memory_fraction,
+        eager_kernels=a.eager_kernels,
         max_connections=a.max_connections,
         drain_timeout=a.drain_timeout,
         auth_token=token or None,

@@ -101,6 +101,8 @@ def load_engine(cfg: ServerConfig, device: str, dtype: str) -> Any:
     params = inspect.signature(Engine.load).parameters
     if "gpu_memory_fraction" in params and cfg.backend == "native":
         kwargs["gpu_memory_fraction"] = cfg.gpu_memory_fraction
+    if "compile_kernels" in params and cfg.backend == "native":
+        kwargs["compile_kernels"] = not cfg.eager_kernels
     if "backend" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         kwargs["backend"] = cfg.backend
     elif cfg.backend != "native":
