@@ -64,6 +64,8 @@ class Engine:
         self.llm.llm.model.model.fuse_projections()
         # Fused elementwise kernels (torch.compile, GPU only: it needs Triton); checked, eager where unavailable.
         self.compiled_kernels = compile_kernels and device.type == "cuda" and pointwise.use_compiled(device)
+        if not self.compiled_kernels:
+            pointwise.use_eager()  # the choice is process-wide: an earlier engine here may have compiled them
         self.hift = model.hift.to(device)
         ras = model.llm.sampling
         self.ras = ras if isinstance(ras, RasConfig) else RasConfig()
