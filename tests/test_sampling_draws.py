@@ -38,3 +38,12 @@ def test_nucleus_sample_keeps_the_reference_rule():
         assert nucleus_sample(dist, cfg, make_generator(seed)) == expected
     # Without the device's candidates (a bare log-prob row) the same token comes out.
     assert nucleus_sample(logp, cfg, make_generator(7)) == nucleus_sample(dist, cfg, make_generator(7))
+
+
+def test_random_sample_is_torch_multinomial_over_the_whole_distribution():
+    from cosyvoice_tts.engine.sampling import random_sample
+
+    logp = (torch.randn(6564, generator=torch.Generator().manual_seed(5)) * 3).log_softmax(0)
+    for seed in range(30):
+        expected = int(logp.softmax(0).multinomial(1, replacement=True, generator=make_generator(seed)))
+        assert random_sample(logp, make_generator(seed)) == expected

@@ -77,7 +77,7 @@ def nucleus_sample(logp, cfg: RasConfig, generator: torch.Generator) -> int:
 
 
 def random_sample(logp, generator: torch.Generator) -> int:
-    return int(as_distribution(logp).logp.softmax(dim=0).multinomial(1, replacement=True, generator=generator))
+    return draw_one(as_distribution(logp).logp.softmax(dim=0).numpy(), generator)
 
 
 def ras_sample(logp: torch.Tensor, decoded: list[int], cfg: RasConfig, generator: torch.Generator) -> int:
