@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call's engine benchmark (docs/performance.md, "Engine on one GPU"): the full random model, the
 # batched engine at several concurrencies with vocoder stage timings and a batch-invariance check (one request
-# alone vs among 31 others), then the per-request path at 8 streams.
+# alone vs among 31 others) and (RERUN_LEVELS=8,32) levels of the same engine with the flow re-running each prefix,
+# then the per-request path at 8 streams.
 #   bench/engine_gpu_run.sh OUT_DIR [CONCURRENCY] [DURATION]
 # Needs python3 with torch (CUDA); unpacks carry/bench_site/site.tar.xz for the packages such an image lacks.
 set -euo pipefail
@@ -22,8 +23,8 @@ git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt" || true
 others=${INVARIANCE_OTHERS:-31}
 sessions=$(printf '%s\n' ${levels//,/ } $((others + 1)) | sort -n | tail -1)
 python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --concurrency "$levels" \
-    --duration "$duration" --stage-times "${STAGE_TIMES:-1x28,1x78,8x28,8x153,32x28,16x253}" \
-    --max-sessions "$sessions" --check-batch-invariance "$others" \
+    --duration "$duration" --stage-times "${STAGE_TIMES:-1x28,1x78,16x28,16x253,16x253L}" \
+    --max-sessions "$sessions" --check-batch-invariance "$others" --rerun-levels "${RERUN_LEVELS:-}" \
     --out "$out/batched.json" 2>&1 | grep -v -e Warning -e warn | tee "$out/batched.log"
 if [ -z "${SKIP_UNBATCHED:-}" ]; then
     python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --concurrency 8 \

@@ -73,13 +73,24 @@ def test_stream_caches_are_copies_not_views_of_the_flow_output(tiny_model_dir):
     from cosyvoice_tts.engine.loader import build_modules
     from cosyvoice_tts.engine.token2wav import StreamConfig, StreamState, Token2Wav
 
+    from cosyvoice_tts.engine.modules.flow import FlowBatch
+
     class FlowWritingOneBuffer:
+        """The flow as Token2Wav calls it, with a sampler whose output is one buffer that every call rewrites."""
+
         def __init__(self):
             self.buffer = torch.zeros(1, 80, 400)
 
-        def inference_batch(self, token_len, finalize, **_):
+        def prepare_batch(self, token_len, **_):
+            batch = token_len.shape[0]
+            features = torch.zeros(batch, 80, 400)
+            return FlowBatch(features, torch.ones(batch, 1, 400), features, torch.zeros(batch, 80),
+                             torch.full((batch,), 400), torch.zeros(batch, dtype=torch.long),
+                             torch.ones(batch, dtype=torch.bool))
+
+        def decoder(self, mu, **_):
             self.buffer.normal_()
-            return [self.buffer[0, :, : 2 * (n - (0 if f else 3))] for n, f in zip(token_len.tolist(), finalize)]
+            return self.buffer[: mu.shape[0]], None
 
     cfg = StreamConfig()
     flow = FlowWritingOneBuffer()

@@ -20,10 +20,12 @@ from .errors import CapacityError, EngineError, InvalidRequestError, UnknownVoic
 from .kv_cache import CacheFullError, MemoryBudgetError, ensure_kv_fits, kv_cache_bytes
 from .lm_program import BistreamProgram, LMProtocolError, WholeTextProgram, pieces_length
 from .loader import build_modules
-from .flow_graphs import GraphedCFM, GraphedEncoder
+from .flow_graphs import GraphedCFM, GraphedEncoder, frame_buckets
+from .flow_pages import PagedFlow
 from .hift_graphs import GraphedHiFT
 from .model_runner import DecodeRow, ModelRunner, batch_ladder
 from .modules import pointwise
+from .modules.flow_paged import EstimatorMemory
 from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, make_generator
 from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, pick_vocoder_batch
@@ -33,6 +35,8 @@ from .voices import voice_prompt
 
 log = logging.getLogger(__name__)
 
+# GPU memory left for CUDA graphs and activations when the incremental flow's pool is sized from the memory fraction
+FLOW_RESERVE_BYTES = 4 * 2**30
 URGENT_AHEAD_S = 1.0  # a playing stream with less audio than this buffered keeps its LM steps, whatever else runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,7 +45,7 @@ class Engine:
     def __init__(self, model, frontend, device: torch.device, dtype: torch.dtype, max_sessions: int,
                  max_context: int, use_cuda_graphs: bool = True, scheduler_config: SchedulerConfig | None = None,
                  max_graph_frames: int = 1000, gpu_memory_fraction: float | None = None,
-                 compile_kernels: bool = True):
+                 compile_kernels: bool = True, flow_memory_gib: float | None = None):
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -91,7 +95,8 @@ class Engine:
                                                  [f // ratio for f in self.flow_graphs.frame_sizes], flow_dtype,
                                                  input_dtype=self.flow.input_embedding.weight.dtype)
             self.flow.encoder = self.encoder_graphs
-        self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype)
+        self.paged_flow = self._paged_flow(flow_dtype, max_graph_frames, flow_memory_gib)
+        self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype, self.paged_flow)
         self.scheduler = Scheduler(scheduler_config)
         self.hift_graphs = None
         if use_cuda_graphs and device.type == "cuda":
@@ -111,14 +116,57 @@ class Engine:
                          "decode_forward_s": 0.0, "sample_s": 0.0, "loop_s": 0.0,
                          "vocoder_batches": 0, "vocoder_items": 0}
 
+    def _paged_flow(self, flow_dtype: torch.dtype, max_graph_frames: int,
+                    memory_gib: float | None) -> PagedFlow | None:
+        """The batched incremental flow sampler and its memory pool; None where the flow cannot run incrementally
+        or no memory is given to it (every chunk then re-runs its prefix).
+
+        Pool size: `memory_gib` if given; on a GPU with a memory fraction, what the fraction leaves after
+        everything loaded so far and a reserve for CUDA graphs and activations; without one, 4 GiB; on the CPU,
+        4 pages per stream. Never more than every session's longest graphed stream needs."""
+        if not self.flow.supports_incremental():
+            return None
+        estimator = self.flow.decoder.estimator
+        steps = 10
+        page = self.stream_config.token_mel_ratio * self.flow.incremental_unit
+        page_bytes = EstimatorMemory.page_bytes(estimator, steps, page, flow_dtype)
+        cap = 2 * self.max_sessions * max(1, max_graph_frames // page) + 1
+        if memory_gib is not None:
+            pages = int(memory_gib * 2**30) // page_bytes
+        elif self.device.type != "cuda":
+            pages = 2 * self.max_sessions * 4 + 1
+        elif self.gpu_memory_fraction is None:
+            pages = 4 * 2**30 // page_bytes
+        else:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            spare = self.gpu_memory_fraction * total - torch.cuda.memory_allocated(self.device) - FLOW_RESERVE_BYTES
+            pages = int(max(0, spare) // page_bytes)
+        pages = min(pages, cap)
+        if pages < 3:
+            log.info("no memory for the incremental flow: every chunk re-runs its prefix")
+            return None
+        memory = EstimatorMemory(estimator, steps, pages, 2 * self.max_sessions + 1, page, flow_dtype, self.device)
+        log.info("incremental flow memory: %d pages of %d frames, %.2f GiB (%.0f s of audio over all streams)",
+                 pages - 1, page, pages * page_bytes / 2**30, (pages - 1) / 2 * page / 50)
+        frame_sizes = self.flow_graphs.frame_sizes if self.flow_graphs is not None else \
+            frame_buckets(page, max_graph_frames)
+        cfg = self.stream_config
+        later = cfg.token_mel_ratio * (cfg.token_max_hop_len + cfg.pre_lookahead_len + self.flow.incremental_unit)
+        cfm = self.flow_graphs.inner if self.flow_graphs is not None else self.flow.decoder
+        return PagedFlow(cfm, memory, self.device, flow_dtype, batch_ladder(self.max_sessions), frame_sizes,
+                         max_later_frames=-(-later // page) * page)
+
     # --- construction -----------------------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "fp32", max_sessions: int = 16,
              max_context: int = 4096, use_cuda_graphs: bool = True,
              scheduler_config: SchedulerConfig | None = None, backend: str = "native",
-             gpu_memory_fraction: float | None = 0.9, compile_kernels: bool = True) -> "Engine":
+             gpu_memory_fraction: float | None = 0.9, compile_kernels: bool = True,
+             flow_memory_gib: float | None = None) -> "Engine":
         """gpu_memory_fraction: the share of the card this worker may allocate (native backend; vLLM sizes its
-        own memory); None: no cap. compile_kernels: fused elementwise kernels on a GPU (modules/pointwise.py)."""
+        own memory); None: no cap. compile_kernels: fused elementwise kernels on a GPU (modules/pointwise.py).
+        flow_memory_gib: the incremental flow's memory pool (0: every chunk re-runs its prefix); None: sized from
+        the memory fraction (see `_paged_flow`)."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -138,7 +186,8 @@ class Engine:
         model = build_modules(model_dir)
         frontend = Frontend(model_dir, torch_device)
         engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs,
-                     scheduler_config, gpu_memory_fraction=gpu_memory_fraction, compile_kernels=compile_kernels)
+                     scheduler_config, gpu_memory_fraction=gpu_memory_fraction, compile_kernels=compile_kernels,
+                     flow_memory_gib=flow_memory_gib)
         log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
         return engine
 
@@ -169,6 +218,12 @@ class Engine:
             log.info("captured %d flow sampler CUDA graphs in %.1f s", len(shapes), time.monotonic() - started)
             ratio = self.stream_config.token_mel_ratio
             self.encoder_graphs.capture_all([(b, f // ratio) for b, f in shapes], int(self.flow.input_size))
+            if self.paged_flow is not None:
+                started = time.monotonic()
+                paged = self.paged_flow.shapes_within(self.scheduler.config.max_vocoder_frames)
+                self.paged_flow.capture(paged)
+                log.info("captured %d incremental flow step CUDA graphs in %.1f s", len(paged),
+                         time.monotonic() - started)
         if self.hift_graphs is not None:
             self.hift_graphs.capture_all()
 
@@ -259,6 +314,12 @@ class Engine:
         if self.flow_graphs is not None:
             out["flow_graphed_calls"] = self.flow_graphs.calls["graphed"]
             out["flow_eager_calls"] = self.flow_graphs.calls["eager"]
+        if self.paged_flow is not None:
+            out["flow_paged_graphed_calls"] = self.paged_flow.calls["graphed"]
+            out["flow_paged_eager_calls"] = self.paged_flow.calls["eager"]
+            out["flow_paged_fallbacks"] = self.paged_flow.calls["fallbacks"]
+            out["flow_memory_pages_free"] = self.paged_flow.free_pages
+            out["flow_memory_pages"] = self.paged_flow.memory.pages - 1
         if self.encoder_graphs is not None:
             out["encoder_graphed_calls"] = self.encoder_graphs.calls["graphed"]
             out["encoder_eager_calls"] = self.encoder_graphs.calls["eager"]
@@ -520,6 +581,8 @@ class Engine:
             self.runner.cache.release(request.slot)
             request.slot = None
         request.program = None
+        if request.stream is not None:
+            self.token2wav.forget(request.stream)
         request.stream = None
 
     def _finish(self, request: Request, outcome: str) -> None:

@@ -11,6 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .flow_pages import PagedFlow, PagedRow, StreamPages
+from .modules.flow import FlowBatch
+
 
 @dataclass(frozen=True)
 class StreamConfig:
@@ -36,6 +39,9 @@ class Chunk:
     finalize: bool
 
 
+FULL_RERUN = "full-rerun"
+
+
 @dataclass
 class StreamState:
     prompt_token: torch.Tensor  # [1, P] int32
@@ -53,6 +59,9 @@ class StreamState:
     hift_source: torch.Tensor | None = None
     hift_speech: torch.Tensor | None = None
     chunks_done: int = 0
+    # The flow's memory of this stream between chunks (flow_pages.StreamPages), FULL_RERUN once it re-runs its
+    # whole prefix at every chunk instead, None before its first chunk. Written by the vocoder thread only.
+    flow_memory: object | None = None
 
     def __post_init__(self) -> None:
         prompt_len = int(self.prompt_token.shape[1])
@@ -80,8 +89,11 @@ class StreamState:
         return (self.stream and ready) or self.lm_done
 
     def flow_frames(self, chunk: Chunk) -> int:
-        """Mel frames the flow computes for this chunk: prompt and tokens so far, all upsampled."""
-        return self.cfg.token_mel_ratio * (int(self.prompt_token.shape[1]) + len(chunk.tokens))
+        """Mel frames the flow computes for this chunk: prompt and tokens so far, all upsampled, less the frames
+        whose work the stream's flow memory keeps."""
+        frames = self.cfg.token_mel_ratio * (int(self.prompt_token.shape[1]) + len(chunk.tokens))
+        kept = getattr(self.flow_memory, "kept_frames", 0)
+        return max(1, frames - kept)
 
     def advance(self, chunk: Chunk) -> None:
         self.chunks_done += 1
@@ -103,13 +115,22 @@ class Token2Wav:
     """Runs chunks through the flow and HiFT stages on the engine's device."""
 
     def __init__(self, flow: torch.nn.Module, hift: torch.nn.Module, device: torch.device, cfg: StreamConfig,
-                 flow_dtype: torch.dtype = torch.float32):
+                 flow_dtype: torch.dtype = torch.float32, paged: PagedFlow | None = None):
+        """paged: the batched incremental sampler (streaming requests' chunks then cost what is new, not the whole
+        prefix); None: every chunk re-runs its prefix, as upstream does."""
         self.flow = flow
         self.hift = hift
         self.device = device
         self.cfg = cfg
         self.flow_dtype = flow_dtype
+        self.paged = paged
         self.window = hamming_window(2 * cfg.source_cache_len)
+
+    def forget(self, state: StreamState) -> None:
+        """The request of `state` ended (any thread): its flow memory goes back to the pool."""
+        memory = state.flow_memory
+        if self.paged is not None and isinstance(memory, StreamPages):
+            self.paged.release(memory)
 
     @torch.inference_mode()
     def run_batch(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]]) -> list[np.ndarray]:
@@ -130,7 +151,7 @@ class Token2Wav:
                                 [s.prompt_feat.shape[1] for s in states]]).to(device)
         with torch.autocast(device.type, dtype=self.flow_dtype, enabled=self.flow_dtype != torch.float32,
                             cache_enabled=False):
-            mels = self.flow.inference_batch(
+            prepared = self.flow.prepare_batch(
                 token=tokens,
                 token_len=lengths[0],
                 prompt_token=prompt_tokens,
@@ -141,9 +162,12 @@ class Token2Wav:
                 streaming=[s.stream for s in states],
                 finalize=[c.finalize for c in chunks],
             )
+            mels = self._sample(prepared, states, chunks)
         new_mels = []
-        for state, chunk, mel in zip(states, chunks, mels):
-            mel = mel[None, :, chunk.token_offset * self.cfg.token_mel_ratio:]  # float32 [1, 80, T]
+        for state, chunk, (mel, first) in zip(states, chunks, mels):
+            # From the first frame after the prompt and the audio already sent: float32 [1, 80, T].
+            begin = int(state.prompt_feat.shape[1]) + chunk.token_offset * self.cfg.token_mel_ratio - first
+            mel = mel[None, :, begin:]
             if chunk.finalize and state.speed != 1.0 and state.hift_mel is None:
                 mel = F.interpolate(mel, size=int(mel.shape[2] / state.speed), mode="linear")
             new_mels.append(mel)
@@ -154,6 +178,72 @@ class Token2Wav:
         lengths = [int(s.shape[-1]) for s in speech]
         flat = torch.cat([s.reshape(-1) for s in speech]).cpu().numpy()
         return np.split(flat, np.cumsum(lengths)[:-1])
+
+    def _encoded_tokens(self, state: StreamState, chunk: Chunk) -> int:
+        """Prompt and speech tokens whose frames this chunk's flow call produces (the lookahead excluded)."""
+        lookahead = 0 if chunk.finalize else self.cfg.pre_lookahead_len
+        return int(state.prompt_token.shape[1]) + len(chunk.tokens) - lookahead
+
+    def _sample(self, prepared: FlowBatch, states: list[StreamState], chunks: list[Chunk]):
+        """The sampler for every chunk: paged rows in one call, the rest re-run their prefix in another.
+        Returns (float32 mel [80, T], absolute index of its first frame) per chunk."""
+        ratio = self.cfg.token_mel_ratio
+        rows = [self._paged_row(state, chunk) for state, chunk in zip(states, chunks)]
+        out: list = [None] * len(states)
+        paged = [i for i, row in enumerate(rows) if row is not None]
+        if paged:
+            mels = self.paged.sample(prepared, paged, [rows[i] for i in paged])
+            for i, mel in zip(paged, mels):
+                row = rows[i]
+                out[i] = (mel, row.start)
+                row.pages.kept_frames = row.commit
+                if chunks[i].finalize:
+                    self.paged.release(row.pages)
+        full = [i for i, row in enumerate(rows) if row is None]
+        if full:
+            ends = [ratio * self._encoded_tokens(states[i], chunks[i]) for i in full]
+            sub = prepared
+            if len(full) != len(states):
+                index = torch.tensor(full, device=prepared.mu.device)
+                width = max(ends)
+                sub = FlowBatch(*(t.index_select(0, index) for t in (
+                    prepared.mu[:, :, :width], prepared.mask[:, :, :width], prepared.cond[:, :, :width],
+                    prepared.speaker, prepared.mel_len, prepared.prompt_feat_len, prepared.streaming)))
+            mel, _ = self.flow.decoder(mu=sub.mu, mask=sub.mask, spks=sub.speaker, cond=sub.cond, n_timesteps=10,
+                                       streaming=sub.streaming)
+            mel = mel.float()
+            for j, (i, end) in enumerate(zip(full, ends)):
+                first = int(states[i].prompt_feat.shape[1])
+                out[i] = (mel[j, :, first:end], first)
+        return out
+
+    def _paged_row(self, state: StreamState, chunk: Chunk) -> PagedRow | None:
+        """This chunk's part of the paged call, its pages allocated; None: it re-runs its prefix."""
+        if self.paged is None or not state.stream or state.flow_memory == FULL_RERUN:
+            return None
+        memory = state.flow_memory
+        if memory is None:
+            memory = state.flow_memory = self.paged.open_stream()
+            if memory is None:
+                return self._rerun_from_now_on(state)
+        if memory.released:  # its request ended while the chunk waited; it still gets computed, alone
+            return self._rerun_from_now_on(state)
+        ratio, unit = self.cfg.token_mel_ratio, self.flow.incremental_unit
+        encoded = self._encoded_tokens(state, chunk)
+        start, end = memory.kept_frames, ratio * encoded
+        commit = max(start, ratio * (encoded // unit * unit))
+        if end - start > self.paged.frame_sizes[-1] or not self.paged.grow(memory, (commit - start) // (ratio * unit)):
+            return self._rerun_from_now_on(state)
+        return PagedRow(memory, start, commit, end)
+
+    def _rerun_from_now_on(self, state: StreamState) -> None:
+        """The pool is full (or the window too wide): the stream re-runs its prefix from now on, which needs no
+        memory, so it gives its pages back."""
+        if isinstance(state.flow_memory, StreamPages):
+            self.paged.release(state.flow_memory)
+        state.flow_memory = FULL_RERUN
+        self.paged.calls["fallbacks"] += 1
+        return None
 
     def _vocode_batch(self, states, mels, finalizes, generators) -> list[torch.Tensor]:
         inputs, caches = [], []

@@ -187,6 +187,26 @@ def check_prefill_graphs(engine: Engine) -> float:
     return round(float((graphed - eager).abs().max()), 6)
 
 
+def check_paged_flow(engine: Engine, text: str = "", voice: str = "") -> float:
+    """One streaming request with the incremental (paged) flow against the same request re-running each prefix
+    (upstream's flow): max abs diff of the audio. Both use this engine's graphs."""
+    text = text or TWENTY_WORDS
+    voice = voice or engine.voices()[0]
+
+    def synthesize():
+        return engine.submit(SynthesisParams(voice=voice, seed=11, stream=True), text=text).audio()
+
+    paged_audio = synthesize()
+    paged, engine.token2wav.paged = engine.token2wav.paged, None
+    try:
+        rerun_audio = synthesize()
+    finally:
+        engine.token2wav.paged = paged
+    if paged_audio.shape != rerun_audio.shape:
+        raise AssertionError(f"audio lengths differ: {paged_audio.shape} vs {rerun_audio.shape}")
+    return round(float(abs(paged_audio - rerun_audio).max()), 7)
+
+
 def batch_invariance(engine: Engine, text: str, voice: str, others: int) -> dict:
     """The issue's "same seed, same output alone or batched" on this device: one request alone, then the same
     request among `others` concurrent ones (other seeds); compares speech-token counts and audio."""
@@ -232,9 +252,11 @@ class _Timed:
 
 
 @torch.inference_mode()
-def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int]], repeats: int = 5) -> list[dict]:
-    """ms per vocoder batch and per stage (flow encoder, CFM sampler, HiFT) for (batch, speech tokens) shapes:
-    each item a first chunk of a fresh stream of that many tokens, run through `Token2Wav.run_batch`."""
+def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int, bool]], repeats: int = 5) -> list[dict]:
+    """ms per vocoder batch and per stage (flow encoder, CFM sampler, HiFT) for (batch, speech tokens, last)
+    shapes, run through `Token2Wav.run_batch`: each item the first chunk of a fresh stream of that many tokens, or
+    with `last` the final chunk of such a stream after its earlier chunks (untimed). With the incremental flow,
+    every shape is timed twice: with it ("paged") and with each prefix re-run ("rerun")."""
     from ..engine.token2wav import StreamState
     from ..engine.voices import voice_prompt
 
@@ -245,34 +267,69 @@ def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int]
     # Instance attributes shadow the methods for this run only (deleted again below).
     patched = ((flow.encoder, "encode", "encoder"), (flow.decoder, "forward", "sampler"),
                (hift, "inference_batch", "hift"))
+    if engine.paged_flow is not None:
+        patched += ((engine.paged_flow, "sample", "sampler"),)
     for module, method, name in patched:
         setattr(module, method, _Timed(getattr(module, method), name, totals, engine.device))
+    modes = ["paged", "rerun"] if engine.paged_flow is not None else ["rerun"]
+    paged = token2wav.paged
     rows = []
     try:
-        for batch, tokens in shapes:
-            generator = torch.Generator().manual_seed(batch * 7919 + tokens)
-            for attempt in range(repeats + 1):
-                if attempt == 1:
-                    totals.clear()  # the first run of a shape is a warm-up
-                items = []
-                for _ in range(batch):
-                    state = StreamState(prompt.flow_prompt_speech, prompt.prompt_feat, prompt.embedding, stream=True,
-                                        speed=1.0, cfg=engine.stream_config)
-                    state.tokens = torch.randint(0, 6561, (tokens,), generator=generator).tolist()
-                    state.hop = tokens - engine.stream_config.pre_lookahead_len
-                    items.append((state, state.next_chunk(), torch.Generator(engine.device).manual_seed(attempt)))
-                _sync(engine.device)
-                started = time.perf_counter()
-                token2wav.run_batch(items)
-                _sync(engine.device)
-                if attempt:
-                    totals["total"] = totals.get("total", 0.0) + (time.perf_counter() - started) * 1000
-            rows.append({"batch": batch, "tokens": tokens, **{k: round(v / repeats, 1) for k, v in totals.items()}})
-            print(json.dumps({"vocoder_stage_ms": rows[-1]}), flush=True)
+        for mode in modes:
+            token2wav.paged = paged if mode == "paged" else None
+            for batch, tokens, last in shapes:
+                generator = torch.Generator().manual_seed(batch * 7919 + tokens)
+                for attempt in range(repeats + 1):
+                    if attempt == 1:
+                        totals.clear()  # the first run of a shape is a warm-up
+                    states = []
+                    for _ in range(batch):
+                        state = StreamState(prompt.flow_prompt_speech, prompt.prompt_feat, prompt.embedding,
+                                            stream=True, speed=1.0, cfg=engine.stream_config)
+                        state.tokens = torch.randint(0, 6561, (tokens,), generator=generator).tolist()
+                        if last:
+                            state.lm_done = True
+                        else:
+                            state.hop = tokens - engine.stream_config.pre_lookahead_len
+                        states.append(state)
+
+                    def items():
+                        return [(s, s.next_chunk(), torch.Generator(engine.device).manual_seed(attempt))
+                                for s in states]
+
+                    batch_items = items()
+                    saved = dict(totals)
+                    while last and not batch_items[0][1].finalize:  # the earlier chunks, untimed
+                        token2wav.run_batch(batch_items)
+                        batch_items = items()
+                    totals.clear()
+                    totals.update(saved)
+                    _sync(engine.device)
+                    started = time.perf_counter()
+                    token2wav.run_batch(batch_items)
+                    _sync(engine.device)
+                    if attempt:
+                        totals["total"] = totals.get("total", 0.0) + (time.perf_counter() - started) * 1000
+                    for state in states:
+                        token2wav.forget(state)  # the streams end here: their flow memory goes back
+                rows.append({"flow": mode, "batch": batch, "tokens": tokens, "chunk": "last" if last else "first",
+                             **{k: round(v / repeats, 1) for k, v in totals.items()}})
+                print(json.dumps({"vocoder_stage_ms": rows[-1]}), flush=True)
     finally:
+        token2wav.paged = paged
         for module, method, _ in patched:
             delattr(module, method)
     return rows
+
+
+def parse_stage_shapes(text: str) -> list[tuple[int, int, bool]]:
+    """"1x28,16x253L" -> [(1, 28, False), (16, 253, True)]: batch x tokens, L for a stream's last chunk."""
+    shapes = []
+    for item in filter(None, text.split(",")):
+        last = item.upper().endswith("L")
+        batch, tokens = item.rstrip("Ll").split("x")
+        shapes.append((int(batch), int(tokens), last))
+    return shapes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,8 +349,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="before the levels: one request alone vs the same request among N others")
     parser.add_argument("--eager-kernels", action="store_true",
                         help="no compiled elementwise kernels (the default compiles them on a GPU)")
+    parser.add_argument("--flow-memory-gib", type=float, default=None,
+                        help="the incremental flow's memory pool (0: every chunk re-runs its prefix, as upstream); "
+                             "default: sized from the memory fraction, 0 with --unbatched")
+    parser.add_argument("--rerun-levels", default="",
+                        help="after the levels, these concurrencies again with every chunk re-running its prefix "
+                             "(upstream's flow), same engine, for side-by-side ratios")
     parser.add_argument("--stage-times", default="",
-                        help="vocoder stage timing before the levels, e.g. 1x28,1x153,16x28,16x153 (batch x tokens)")
+                        help="vocoder stage timing before the levels, e.g. 1x28,16x28,16x253L (batch x tokens; L: the last "
+                             "chunk of a stream that long, after its earlier chunks)")
     args = parser.parse_args(argv)
 
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -302,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     engine = Engine.load(args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max_sessions,
                          use_cuda_graphs=not args.unbatched, scheduler_config=scheduler,
-                         compile_kernels=not args.eager_kernels)
+                         compile_kernels=not args.eager_kernels,
+                         flow_memory_gib=0 if args.unbatched and args.flow_memory_gib is None else args.flow_memory_gib)
     load_s = time.monotonic() - t0
     t0 = time.monotonic()
     engine.start()
@@ -313,35 +378,51 @@ def main(argv: list[str] | None = None) -> int:
               "dtype": args.dtype, "unbatched": args.unbatched, "compiled_kernels": engine.compiled_kernels,
               "load_s": round(load_s, 1),
               "graph_capture_s": round(capture_s, 1), "text": args.text, "levels": []}
+    if engine.paged_flow is not None:
+        report["flow_memory_pages"] = engine.paged_flow.memory.pages - 1
+        report["flow_memory_gib"] = round(engine.paged_flow.memory.kv.numel() * engine.paged_flow.memory.kv.element_size()
+                                          / 2**30, 2)
+        report["paged_flow_graphs"] = len(engine.paged_flow.graphs)
     checks = (("flow_graph", engine.flow_graphs is not None, check_flow_graphs),
               ("flow_encoder_graph", engine.encoder_graphs is not None and engine.encoder_graphs.graphs,
                check_encoder_graphs),
               ("hift_graph", engine.hift_graphs is not None, check_hift_graphs),
-              ("prefill_graph", bool(engine.runner.extend_graphs), check_prefill_graphs))
+              ("prefill_graph", bool(engine.runner.extend_graphs), check_prefill_graphs),
+              ("paged_flow_vs_rerun", engine.paged_flow is not None,
+               lambda e: check_paged_flow(e, args.text, args.voice)))
     for name, applies, check in checks:
         if applies:
+            key = f"{name}_max_abs_diff" if "_vs_" in name else f"{name}_vs_eager_max_abs_diff"
             try:
-                report[f"{name}_vs_eager_max_abs_diff"] = check(engine)
+                report[key] = check(engine)
             except Exception as exc:  # a broken check must not cost the benchmark after it
-                report[f"{name}_vs_eager_max_abs_diff"] = f"check failed: {exc!r}"
+                report[key] = f"check failed: {exc!r}"
     print(json.dumps({k: v for k, v in report.items() if k != "levels"}), flush=True)
     if args.check_batch_invariance:
         report["batch_invariance"] = batch_invariance(engine, args.text, args.voice, args.check_batch_invariance)
         print(json.dumps({"batch_invariance": report["batch_invariance"]}), flush=True)
     if args.stage_times:
-        shapes = [tuple(int(v) for v in item.split("x")) for item in args.stage_times.split(",")]
-        report["vocoder_stage_ms"] = vocoder_stage_times(engine, args.voice, shapes)
-    for users in levels:
-        keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "decode_forward_s", "sample_s", "loop_s",
-                "vocoder_s", "vocoder_batches",
-                "vocoder_items", "flow_graphed_calls", "flow_eager_calls", "encoder_graphed_calls", "encoder_eager_calls",
-                "hift_graphed_calls", "hift_eager_calls")
+        report["vocoder_stage_ms"] = vocoder_stage_times(engine, args.voice, parse_stage_shapes(args.stage_times))
+    keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "decode_forward_s", "sample_s", "loop_s",
+            "vocoder_s", "vocoder_batches", "vocoder_items", "flow_graphed_calls", "flow_eager_calls",
+            "flow_paged_graphed_calls", "flow_paged_eager_calls", "flow_paged_fallbacks", "encoder_graphed_calls",
+            "encoder_eager_calls", "hift_graphed_calls", "hift_eager_calls")
+    rerun_levels = [int(x) for x in args.rerun_levels.split(",") if x] if engine.paged_flow is not None else []
+    paged = engine.token2wav.paged
+    for users, flow_mode in [(u, "paged" if paged is not None else "rerun") for u in levels] + \
+            [(u, "rerun") for u in rerun_levels]:
+        # The same engine with every chunk re-running its prefix (upstream's flow), for side-by-side ratios.
+        engine.token2wav.paged = paged if flow_mode == "paged" else None
         before = engine.stats()
         summary = run_level(engine, users, args.duration, args.text, args.voice)
         after = engine.stats()
+        summary["flow"] = flow_mode
         summary["engine"] = {k: round(after[k] - before[k], 3) for k in keys if k in after}
+        if "flow_memory_pages_free" in after:
+            summary["engine"]["flow_memory_pages_free_after"] = after["flow_memory_pages_free"]
         report["levels"].append(summary)
         print(json.dumps(summary), flush=True)
+    engine.token2wav.paged = paged
     engine.shutdown()
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

@@ -32,6 +32,7 @@ __all__ = [
     "UpsampleConformerEncoder",
     "CausalConditionalCFM",
     "CausalConditionalDecoder",
+    "FlowBatch",
     "FlowStream",
 ]
 
@@ -67,6 +68,19 @@ class FlowStream:
     estimator_memory: list[dict]  # one per Euler step, see flow_stream.FrameWindow
     final_mel: torch.Tensor  # [1, 80, 2 * encoder.done]: frames that no later call changes
     finished: bool = False
+
+
+@dataclass
+class FlowBatch:
+    """The sampler's inputs for B requests, each over its whole prefix (`prepare_batch`)."""
+
+    mu: torch.Tensor  # [B, 80, F] encoder output projected to mel channels
+    mask: torch.Tensor  # [B, 1, F] 1 on each request's frames
+    cond: torch.Tensor  # [B, 80, F] prompt mel at the prompt's frames, zeros elsewhere
+    speaker: torch.Tensor  # [B, 80] projected x-vectors
+    mel_len: torch.Tensor  # [B] frames per request (prompt included)
+    prompt_feat_len: torch.Tensor  # [B] prompt frames per request
+    streaming: torch.Tensor  # [B] bool
 
 
 class CausalMaskedDiffWithXvec(nn.Module):
@@ -164,6 +178,20 @@ class CausalMaskedDiffWithXvec(nn.Module):
         Returns one float32 mel [80, T_b] per request: its frames after the prompt, where
         T_b = 2 * (token_len_b - (0 if finalize_b else 3)) when the prompt mel is 2 x its tokens.
         """
+        prepared = self.prepare_batch(token, token_len, prompt_token, prompt_token_len, prompt_feat, prompt_feat_len,
+                                      embedding, streaming, finalize)
+        mel, _ = self.decoder(mu=prepared.mu, mask=prepared.mask, spks=prepared.speaker, cond=prepared.cond,
+                              n_timesteps=n_timesteps, streaming=prepared.streaming)
+        prompt_feat_len, mel_len = prepared.prompt_feat_len, prepared.mel_len
+        starts, ends = prompt_feat_len.tolist(), mel_len.tolist()
+        mel = mel.float()
+        return [mel[b, :, starts[b]:ends[b]] for b in range(token.shape[0])]
+
+    @torch.inference_mode()
+    def prepare_batch(self, token, token_len, prompt_token, prompt_token_len, prompt_feat, prompt_feat_len,
+                      embedding, streaming, finalize) -> FlowBatch:
+        """Everything before the sampler for B requests (arguments as `inference_batch`): embedding, the encoder
+        over each whole prefix, the projection to mu, the prompt condition and the speaker."""
         device = token.device
         batch = token.shape[0]
         streaming_flags = per_request_flags(streaming, batch, device)
@@ -186,14 +214,9 @@ class CausalMaskedDiffWithXvec(nn.Module):
         frames = mu.shape[2]
         if bool((prompt_feat_len > mel_len).any()):
             raise ValueError("prompt_feat is longer than the mel frames of prompt + tokens")
-
         cond = self._prompt_condition(prompt_feat, prompt_feat_len, frames).to(mu.dtype)
         mask = lengths_to_valid(mel_len, frames).unsqueeze(1).to(mu.dtype)
-        mel, _ = self.decoder(mu=mu, mask=mask, spks=speaker, cond=cond, n_timesteps=n_timesteps,
-                              streaming=streaming_flags)
-        starts, ends = prompt_feat_len.tolist(), mel_len.tolist()
-        mel = mel.float()
-        return [mel[b, :, starts[b]:ends[b]] for b in range(batch)]
+        return FlowBatch(mu, mask, cond, speaker, mel_len, prompt_feat_len, streaming_flags)
 
     # -- incremental streaming --------------------------------------------------------------------------------
 

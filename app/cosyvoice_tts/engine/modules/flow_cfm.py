@@ -98,7 +98,8 @@ class CausalConditionalCFM(nn.Module):
     def guided_velocity(self, x, mask, mu, t, spks, cond, streaming, window: FrameWindow | None = None):
         """One classifier-free-guided estimator evaluation for a batch of B: runs 2B samples."""
         batch = x.shape[0]
-        flags = per_request_flags(streaming, batch, x.device)
+        # A plain True stays a bool: the estimator then needs no host sync to know it (graph capture).
+        flags = True if streaming is True else torch.cat([per_request_flags(streaming, batch, x.device)] * 2)
         velocity = self.estimator(
             torch.cat([x, x]),
             torch.cat([mask, mask]),
@@ -106,21 +107,29 @@ class CausalConditionalCFM(nn.Module):
             t.reshape(1).expand(2 * batch),
             torch.cat([spks, torch.zeros_like(spks)]),
             torch.cat([cond, torch.zeros_like(cond)]),
-            streaming=torch.cat([flags, flags]),
+            streaming=flags,
             window=window,
         )
         conditioned, unconditioned = velocity[:batch], velocity[batch:]
         return (1.0 + self.inference_cfg_rate) * conditioned - self.inference_cfg_rate * unconditioned
 
     def solve_euler(self, x, t_span, mu, mask, spks, cond, streaming=False, windows: list | None = None):
-        # t advances by dt and the next dt is measured from that t, exactly as upstream accumulates it.
-        t = t_span[0].reshape(1)
-        dt = t_span[1] - t_span[0]
-        steps = len(t_span) - 1
-        for step in range(1, steps + 1):
-            window = windows[step - 1] if windows is not None else None
+        for step, (t, dt) in enumerate(euler_times(t_span)):
+            window = windows[step] if windows is not None else None
             x = x + dt * self.guided_velocity(x, mask, mu, t, spks, cond, streaming, window)
-            t = t + dt
-            if step < steps:
-                dt = t_span[step + 1] - t
         return x.float()
+
+
+def euler_times(t_span: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(t, dt) of each Euler step over t_span. t advances by dt and the next dt is measured from that t, exactly
+    as upstream accumulates it (in t_span's dtype), so every sampler takes the same steps."""
+    t = t_span[0].reshape(1)
+    dt = t_span[1] - t_span[0]
+    steps = len(t_span) - 1
+    times = []
+    for step in range(1, steps + 1):
+        times.append((t, dt))
+        t = t + dt
+        if step < steps:
+            dt = t_span[step + 1] - t
+    return times

@@ -173,7 +173,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, window: FrameWindow | None = None) -> torch.Tensor:
         """x [B, T, dim]; mask [B, T, P+T]: bool (True: may attend) or added to the scores (0 / -inf), P =
-        frames before x (0 unless incremental, where their keys/values come from the window's memory)."""
+        frames before x (0 unless incremental, where their keys/values come from the window's memory: a
+        `FrameWindow`, or a `PagedWindow` for streams batched at different positions)."""
         if self.qkv is not None:
             q, k, v = (self._heads(p) for p in self.qkv(x))
         else:
@@ -312,15 +313,14 @@ class CausalConditionalDecoder(nn.Module):
         not once per block group."""
         frames = mask.shape[2]
         if frames not in masks:
-            if window is None:
-                visible = attention_mask(mask[:, 0].bool(), streaming, self.static_chunk_size)
-            else:
-                keys = torch.ones(mask.shape[0], window.start + frames, dtype=torch.bool, device=mask.device)
-                visible = attention_mask(keys, streaming, self.static_chunk_size, query_start=window.start)
             # As 0 / -inf in the dtype attention runs in: converted once here instead of in every block.
             dtype = pointwise.compute_dtype(mask) if mask.is_floating_point() else torch.float32
-            masks[frames] = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
-                ~visible, float("-inf"))
+            if window is not None:
+                masks[frames] = window.attention_bias(mask, self.static_chunk_size, dtype)
+            else:
+                visible = attention_mask(mask[:, 0].bool(), streaming, self.static_chunk_size)
+                masks[frames] = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+                    ~visible, float("-inf"))
         return masks[frames]
 
     @staticmethod
@@ -341,7 +341,8 @@ class CausalConditionalDecoder(nn.Module):
         With a `window`, x/mu/cond are the frames window.start.. of sequences evaluated before up to there
         (all frames real, streaming, `supports_incremental()`); the window's memory is read and updated."""
         flags = per_request_flags(streaming, x.shape[0], x.device)
-        if window is not None and not (self.supports_incremental() and bool(flags.all())):
+        # (`streaming is True` needs no look at the flags: no host sync, so the call can be graph-captured.)
+        if window is not None and not (self.supports_incremental() and (streaming is True or bool(flags.all()))):
             raise ValueError("incremental estimator evaluation needs streaming, static chunks and one U-Net level")
         time_emb = self.time_mlp(sinusoidal_time_embedding(t, self.in_channels).to(t.dtype))
         inputs = [x, mu]

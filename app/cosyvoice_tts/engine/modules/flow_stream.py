@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .flow_masks import attention_mask
+
 
 def join_history(previous: torch.Tensor | None, new: torch.Tensor, width: int, dim: int, start: int) -> torch.Tensor:
     """previous (the `width` frames before frame `start`, None at the sequence start: zeros, as the
@@ -50,6 +52,15 @@ class FrameWindow:
         joined = join_history(self.memory.get(module), x, width, dim=2, start=self.start)
         self.memory[module] = frames_before(joined, width, 2, self.start, self.commit)
         return joined
+
+    def attention_bias(self, mask: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive self-attention mask [B, T, start+T] of the window's frames (mask [B, 1, T]: all real)
+        over every frame so far, by the static-chunk rule."""
+        batch, frames = mask.shape[0], mask.shape[2]
+        keys = torch.ones(batch, self.start + frames, dtype=torch.bool, device=mask.device)
+        streaming = torch.ones(batch, dtype=torch.bool, device=mask.device)
+        visible = attention_mask(keys, streaming, chunk, query_start=self.start)
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
 
     def attention_keys_values(self, module: nn.Module, k: torch.Tensor, v: torch.Tensor):
         """New keys/values [B, H, T, d] -> those of all frames so far; caches the final ones."""

@@ -1,0 +1,169 @@
+"""The batched incremental flow (engine/flow_pages.py, modules/flow_paged.py): streams at different positions in
+one call, each computing only its frames after its last boundary, equal to re-running its whole prefix."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cosyvoice_tts.engine.flow_pages import PagedFlow, PagedRow
+from cosyvoice_tts.engine.modules.flow_paged import EstimatorMemory
+from test_flow import ATOL, pad_batch, request, run_single, tiny_flow
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def flow():
+    torch.manual_seed(0)
+    return tiny_flow()
+
+
+def make_paged(flow, pages: int = 64, slots: int = 9, batch_sizes=(1, 2, 4), frame_sizes=(8, 16, 24, 32, 48, 64, 96),
+               later: int = 32) -> PagedFlow:
+    page = flow.token_mel_ratio * flow.incremental_unit
+    memory = EstimatorMemory(flow.decoder.estimator, STEPS, pages, slots, page, torch.float32, torch.device("cpu"))
+    return PagedFlow(flow.decoder, memory, torch.device("cpu"), torch.float32, list(batch_sizes), list(frame_sizes),
+                     max_later_frames=later)
+
+
+class Stream:
+    """One request's chunk calls, as the engine makes them: prefixes of its tokens, the last one finalized."""
+
+    def __init__(self, req: dict, prefixes: list[int], paged: PagedFlow, flow):
+        self.req, self.prefixes, self.paged, self.flow = req, list(prefixes), paged, flow
+        self.pages = paged.open_stream()
+        self.prompt = req["prompt_token"].shape[1]
+
+    def next_row(self) -> tuple[dict, bool, PagedRow]:
+        count = self.prefixes.pop(0)
+        finalize = not self.prefixes
+        ratio, unit = self.flow.token_mel_ratio, self.flow.incremental_unit
+        encoded = self.prompt + count - (0 if finalize else self.flow.pre_lookahead_len)
+        start = self.pages.kept_frames
+        commit = max(start, ratio * (encoded // unit * unit))
+        assert self.paged.grow(self.pages, (commit - start) // (ratio * unit))
+        return dict(self.req, token=self.req["token"][:, :count]), finalize, PagedRow(self.pages, start, commit,
+                                                                                       ratio * encoded)
+
+
+def run_round(flow, paged: PagedFlow, streams: list[Stream]):
+    """One batched call for the next chunk of every stream; checks each against a re-run of its prefix."""
+    calls = [stream.next_row() for stream in streams]
+    batch = pad_batch([req for req, _, _ in calls])
+    prepared = flow.prepare_batch(streaming=True, finalize=[f for _, f, _ in calls], **batch)
+    mels = paged.sample(prepared, list(range(len(calls))), [row for _, _, row in calls])
+    worst = 0.0
+    for stream, (req, finalize, row), mel in zip(streams, calls, mels):
+        rerun = run_single(flow, req, streaming=True, finalize=finalize)[0]  # frames after the prompt
+        prompt_frames = req["prompt_feat"].shape[1]
+        assert mel.shape == (80, row.end - row.start)
+        skip = max(0, prompt_frames - row.start)
+        expected = rerun[:, row.start + skip - prompt_frames:]
+        torch.testing.assert_close(mel[:, skip:], expected, rtol=0, atol=ATOL)
+        worst = max(worst, float((mel[:, skip:] - expected).abs().max()))
+        row.pages.kept_frames = row.commit
+        if finalize:
+            paged.release(row.pages)
+    return worst
+
+
+def test_streams_at_different_positions_share_a_call_and_equal_the_rerun(flow):
+    paged = make_paged(flow)
+    gen = torch.Generator().manual_seed(11)
+    # Prompts of 0, 5 and 3 tokens; the hops differ, so each call mixes first, middle and last chunks.
+    streams = [Stream(request(gen, 0, 40), [7, 11, 19, 27, 40], paged, flow),
+               Stream(request(gen, 5, 30), [10, 14, 22, 26, 30], paged, flow),
+               Stream(request(gen, 3, 33), [8, 9, 20, 31, 33], paged, flow)]
+    for _ in range(5):
+        run_round(flow, paged, streams)
+    assert paged.calls["eager"] == 5
+    paged.apply_releases()
+    assert paged.free_pages == paged.memory.pages - 1  # every page back once the streams are done
+
+
+def test_a_stream_gives_the_same_mel_alone_and_among_others(flow):
+    gen = torch.Generator().manual_seed(12)
+    req = request(gen, 4, 30)
+    others = [request(gen, p, 30) for p in (0, 6, 2)]
+    alone_paged = make_paged(flow)
+    alone = Stream(req, [12, 16, 24, 30], alone_paged, flow)
+    shared_paged = make_paged(flow, pages=128)
+    mixed = [Stream(req, [12, 16, 24, 30], shared_paged, flow)] + \
+        [Stream(r, [9, 13, 21, 30], shared_paged, flow) for r in others]
+    for _ in range(4):
+        row_alone = alone.next_row()
+        prepared = flow.prepare_batch(streaming=True, finalize=row_alone[1], **pad_batch([row_alone[0]]))
+        (mel_alone,) = alone_paged.sample(prepared, [0], [row_alone[2]])
+        row_alone[2].pages.kept_frames = row_alone[2].commit
+        calls = [stream.next_row() for stream in mixed]
+        prepared = flow.prepare_batch(streaming=True, finalize=[f for _, f, _ in calls],
+                                      **pad_batch([r for r, _, _ in calls]))
+        mel_mixed = shared_paged.sample(prepared, list(range(len(calls))), [row for _, _, row in calls])[0]
+        for _, _, row in calls:
+            row.pages.kept_frames = row.commit
+        torch.testing.assert_close(mel_mixed, mel_alone, rtol=0, atol=ATOL)  # padding changes GEMM shapes
+
+
+def test_pool_accounting_and_deferred_release(flow):
+    paged = make_paged(flow, pages=5, slots=5)  # 4 pages and 4 slots besides the scratch ones
+    first, second = paged.open_stream(), paged.open_stream()
+    assert first.slots != second.slots and paged.open_stream() is None  # two slots per stream
+    assert paged.grow(first, 2) and paged.free_pages == 0
+    assert not paged.grow(second, 1)  # nothing taken when the pool cannot give both branches a page
+    assert second.pages == ([], [])
+    paged.release(first)
+    paged.release(first)  # twice is once
+    assert paged.free_pages == 0  # applied on the vocoder thread's next call, not by the releasing thread
+    paged.apply_releases()
+    assert paged.free_pages == 4 and first.pages == ([], [])
+    assert paged.open_stream() is not None
+
+
+def test_buckets_keep_wide_windows_for_first_chunks(flow):
+    paged = make_paged(flow)
+    assert paged.bucket(3, 20, 2) == (4, 24, 2)
+    assert paged.bucket(1, 60, 0) == (1, 64, 0)  # a first chunk (prompt included) may be wide
+    assert paged.bucket(1, 60, 1) is None  # a later chunk never is: such a call runs unpadded, eagerly
+    assert paged.bucket(5, 8, 0) is None
+    shapes = paged.shapes_within(64)
+    assert (4, 16, 3) in shapes and (4, 24, 0) not in shapes and (1, 96, 0) in shapes and (1, 48, 1) not in shapes
+
+
+def test_engine_streams_through_the_paged_flow_and_matches_the_rerun(tiny_model_dir):
+    """Whole requests through the engine: the paged flow gives the audio of the re-run within float tolerance,
+    and every page comes back when the requests end, cancelled ones included."""
+    import numpy as np
+
+    from cosyvoice_tts.engine import Engine
+    from cosyvoice_tts.engine.request import SynthesisParams
+
+    text = "今天天气真不错，我们一起去公园散步吧，顺便买点水果回来。"
+    audio = {}
+    for name, gib in (("paged", None), ("rerun", 0)):
+        engine = Engine.load(tiny_model_dir, max_sessions=4, flow_memory_gib=gib)
+        engine.start()
+        try:
+            assert (engine.paged_flow is None) == (gib == 0)
+            request = engine.submit(SynthesisParams(voice="中文女", seed=3), text=text)
+            audio[name] = request.audio()
+            if engine.paged_flow is not None:
+                stats = engine.stats()
+                assert stats["flow_paged_eager_calls"] >= 2 and stats["flow_paged_fallbacks"] == 0
+                cancelled = engine.submit(SynthesisParams(voice="中文女", seed=4), text=text * 3)
+                next(iter(cancelled))
+                cancelled.cancel()
+                cancelled.audio()
+                engine.submit(SynthesisParams(voice="中文女", seed=5), text="好。").audio()  # applies the releases
+                assert engine.stats()["flow_memory_pages_free"] == engine.paged_flow.memory.pages - 1
+        finally:
+            engine.shutdown()
+    assert audio["paged"].shape == audio["rerun"].shape
+    np.testing.assert_allclose(audio["paged"], audio["rerun"], atol=1e-4)
