@@ -29,9 +29,11 @@ def flow():
 def make_paged(flow, pages: int = 64, slots: int = 9, batch_sizes=(1, 2, 4), frame_sizes=(8, 16, 24, 32, 48, 64, 96),
                later: int = 32) -> PagedFlow:
     page = flow.token_mel_ratio * flow.incremental_unit
-    memory = EstimatorMemory(flow.decoder.estimator, STEPS, pages, slots, page, torch.float32, torch.device("cpu"))
-    return PagedFlow(flow.decoder, memory, torch.device("cpu"), torch.float32, list(batch_sizes), list(frame_sizes),
-                     max_later_frames=later)
+    paged = PagedFlow(flow.decoder, torch.device("cpu"), torch.float32, list(batch_sizes), list(frame_sizes),
+                      max_later_frames=later, page_frames=page, steps=STEPS)
+    paged.attach(EstimatorMemory(flow.decoder.estimator, STEPS, pages, slots, page, torch.float32,
+                                 torch.device("cpu")))
+    return paged
 
 
 class Stream:

@@ -35,8 +35,9 @@ from .voices import voice_prompt
 
 log = logging.getLogger(__name__)
 
-# GPU memory left for CUDA graphs and activations when the incremental flow's pool is sized from the memory fraction
-FLOW_RESERVE_BYTES = 4 * 2**30
+# GPU memory kept for the incremental flow's own graphs and for serving when its pool is sized from the memory
+# fraction (after every other graph is captured)
+FLOW_RESERVE_BYTES = 3 * 2**30
 URGENT_AHEAD_S = 1.0  # a playing stream with less audio than this buffered keeps its LM steps, whatever else runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -95,7 +96,8 @@ class Engine:
                                                  [f // ratio for f in self.flow_graphs.frame_sizes], flow_dtype,
                                                  input_dtype=self.flow.input_embedding.weight.dtype)
             self.flow.encoder = self.encoder_graphs
-        self.paged_flow = self._paged_flow(flow_dtype, max_graph_frames, flow_memory_gib)
+        self.flow_memory_gib = flow_memory_gib
+        self.paged_flow = self._paged_flow(flow_dtype, max_graph_frames)
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype, self.paged_flow)
         self.scheduler = Scheduler(scheduler_config)
         self.hift_graphs = None
@@ -116,23 +118,31 @@ class Engine:
                          "decode_forward_s": 0.0, "sample_s": 0.0, "loop_s": 0.0,
                          "vocoder_batches": 0, "vocoder_items": 0}
 
-    def _paged_flow(self, flow_dtype: torch.dtype, max_graph_frames: int,
-                    memory_gib: float | None) -> PagedFlow | None:
-        """The batched incremental flow sampler and its memory pool; None where the flow cannot run incrementally
-        or no memory is given to it (every chunk then re-runs its prefix).
-
-        Pool size: `memory_gib` if given; on a GPU with a memory fraction, what the fraction leaves after
-        everything loaded so far and a reserve for CUDA graphs and activations; without one, 4 GiB; on the CPU,
-        4 pages per stream. Never more than every session's longest graphed stream needs."""
-        if not self.flow.supports_incremental():
+    def _paged_flow(self, flow_dtype: torch.dtype, max_graph_frames: int) -> PagedFlow | None:
+        """The batched incremental flow sampler (its memory comes at start, see `_attach_flow_memory`); None where
+        the flow cannot run incrementally or no memory is given to it: every chunk then re-runs its prefix."""
+        if not self.flow.supports_incremental() or self.flow_memory_gib == 0:
             return None
-        estimator = self.flow.decoder.estimator
-        steps = 10
         page = self.stream_config.token_mel_ratio * self.flow.incremental_unit
-        page_bytes = EstimatorMemory.page_bytes(estimator, steps, page, flow_dtype)
-        cap = 2 * self.max_sessions * max(1, max_graph_frames // page) + 1
-        if memory_gib is not None:
-            pages = int(memory_gib * 2**30) // page_bytes
+        frame_sizes = self.flow_graphs.frame_sizes if self.flow_graphs is not None else \
+            frame_buckets(page, max_graph_frames)
+        cfg = self.stream_config
+        later = cfg.token_mel_ratio * (cfg.token_max_hop_len + cfg.pre_lookahead_len + self.flow.incremental_unit)
+        cfm = self.flow_graphs.inner if self.flow_graphs is not None else self.flow.decoder
+        return PagedFlow(cfm, self.device, flow_dtype, batch_ladder(self.max_sessions), frame_sizes,
+                         max_later_frames=-(-later // page) * page, page_frames=page)
+
+    def _attach_flow_memory(self) -> None:
+        """Allocate the incremental flow's pool, once every other CUDA graph is captured: `flow_memory_gib` if
+        given; on a GPU with a memory fraction, what the fraction leaves less a reserve for the flow's own graphs
+        and serving; without one, 4 GiB; on the CPU, 4 pages per stream. Never more than every session's longest
+        graphed stream needs. Too little memory: the incremental flow is off (every chunk re-runs its prefix)."""
+        paged = self.paged_flow
+        estimator = self.flow.decoder.estimator
+        page_bytes = EstimatorMemory.page_bytes(estimator, paged.steps, paged.page_frames, paged.dtype)
+        cap = 2 * self.max_sessions * max(1, paged.frame_sizes[-1] // paged.page_frames) + 1
+        if self.flow_memory_gib is not None:
+            pages = int(self.flow_memory_gib * 2**30) // page_bytes
         elif self.device.type != "cuda":
             pages = 2 * self.max_sessions * 4 + 1
         elif self.gpu_memory_fraction is None:
@@ -143,18 +153,13 @@ class Engine:
             pages = int(max(0, spare) // page_bytes)
         pages = min(pages, cap)
         if pages < 3:
-            log.info("no memory for the incremental flow: every chunk re-runs its prefix")
-            return None
-        memory = EstimatorMemory(estimator, steps, pages, 2 * self.max_sessions + 1, page, flow_dtype, self.device)
+            log.warning("no memory left for the incremental flow: every chunk re-runs its prefix")
+            self.paged_flow = self.token2wav.paged = None
+            return
+        paged.attach(EstimatorMemory(estimator, paged.steps, pages, 2 * self.max_sessions + 1, paged.page_frames,
+                                     paged.dtype, self.device))
         log.info("incremental flow memory: %d pages of %d frames, %.2f GiB (%.0f s of audio over all streams)",
-                 pages - 1, page, pages * page_bytes / 2**30, (pages - 1) / 2 * page / 50)
-        frame_sizes = self.flow_graphs.frame_sizes if self.flow_graphs is not None else \
-            frame_buckets(page, max_graph_frames)
-        cfg = self.stream_config
-        later = cfg.token_mel_ratio * (cfg.token_max_hop_len + cfg.pre_lookahead_len + self.flow.incremental_unit)
-        cfm = self.flow_graphs.inner if self.flow_graphs is not None else self.flow.decoder
-        return PagedFlow(cfm, memory, self.device, flow_dtype, batch_ladder(self.max_sessions), frame_sizes,
-                         max_later_frames=-(-later // page) * page)
+                 pages - 1, paged.page_frames, pages * page_bytes / 2**30, (pages - 1) / 2 * paged.page_frames / 50)
 
     # --- construction -----------------------------------------------------------------
     @classmethod
@@ -218,14 +223,17 @@ class Engine:
             log.info("captured %d flow sampler CUDA graphs in %.1f s", len(shapes), time.monotonic() - started)
             ratio = self.stream_config.token_mel_ratio
             self.encoder_graphs.capture_all([(b, f // ratio) for b, f in shapes], int(self.flow.input_size))
-            if self.paged_flow is not None:
-                started = time.monotonic()
-                paged = self.paged_flow.shapes_within(self.scheduler.config.max_vocoder_frames)
-                self.paged_flow.capture(paged)
-                log.info("captured %d incremental flow step CUDA graphs in %.1f s", len(paged),
-                         time.monotonic() - started)
+
         if self.hift_graphs is not None:
             self.hift_graphs.capture_all()
+        if self.paged_flow is not None:
+            self._attach_flow_memory()
+        if self.paged_flow is not None and self.flow_graphs is not None:
+            started = time.monotonic()
+            shapes = self.paged_flow.shapes_within(self.scheduler.config.max_vocoder_frames)
+            self.paged_flow.capture(shapes)
+            log.info("captured %d incremental flow step CUDA graphs in %.1f s", len(shapes),
+                     time.monotonic() - started)
 
     def warmup(self) -> dict:
         voice = self.voices()[0]

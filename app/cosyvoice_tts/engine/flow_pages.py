@@ -54,13 +54,17 @@ def _smallest_at_least(sizes, value: int) -> int | None:
     return min(fitting) if fitting else None
 
 
-class _CapturedStep:
-    """One Euler step of a (batch, frames, past pages) bucket as a CUDA graph over static buffers."""
+class _StepRunner:
+    """One Euler step of a (batch, frames, past pages) bucket over static buffers: a CUDA graph once `capture`d,
+    else run eagerly (the CPU, and shapes with no graph), the same code either way."""
 
-    def __init__(self, owner: "PagedFlow", batch: int, frames: int, past_pages: int, pool):
+    def __init__(self, owner: "PagedFlow", batch: int, frames: int, past_pages: int):
         self.owner = owner
         self.buffers = owner.buffers(batch, frames, past_pages)
-        self.graph, _ = capture_graph(self._step, owner.device, pool)
+        self.graph = None
+
+    def capture(self, pool) -> None:
+        self.graph, _ = capture_graph(self._step, self.owner.device, pool)
 
     def _step(self):
         b = self.buffers
@@ -71,42 +75,52 @@ class _CapturedStep:
 
     def run(self, inputs: dict) -> torch.Tensor:
         b = self.buffers
-        for name in ("x", "mu", "mask", "cond", "spks"):
+        for name in ("x", "mu", "mask", "cond", "spks", "table_data"):
             b[name].copy_(inputs[name])
-        b["table_data"].copy_(inputs["table_data"])
         b["step"].zero_()
         for _ in range(self.owner.steps):
-            self.graph.replay()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
         return b["x"]
 
 
 class PagedFlow:
-    def __init__(self, cfm, memory: EstimatorMemory, device: torch.device, dtype: torch.dtype,
-                 batch_sizes: list[int], frame_sizes: list[int], max_later_frames: int):
+    def __init__(self, cfm, device: torch.device, dtype: torch.dtype, batch_sizes: list[int], frame_sizes: list[int],
+                 max_later_frames: int, page_frames: int, steps: int = 10):
         """cfm: the flow's `CausalConditionalCFM` (not a graphed wrapper); frame_sizes: window widths (multiples of
         the page); max_later_frames: the widest window of a stream's later chunks (first chunks, with no past,
-        may use every frame size)."""
+        may use every frame size). `attach` gives it its memory."""
         self.cfm = cfm
-        self.memory = memory
+        self.memory: EstimatorMemory | None = None
         self.device = device
         self.dtype = dtype
-        self.steps = memory.steps
-        self.page_frames = memory.page_frames
+        self.steps = steps
+        self.page_frames = page_frames
+        self.mel_bins = int(cfm.estimator.out_channels)
         self.batch_sizes = sorted(batch_sizes)
-        self.frame_sizes = sorted(f for f in frame_sizes if f % self.page_frames == 0)
+        self.frame_sizes = sorted(f for f in frame_sizes if f % page_frames == 0)
         self.max_later_frames = max_later_frames
-        max_past = max(1, (self.frame_sizes[-1] if self.frame_sizes else 0) // self.page_frames)
+        max_past = max(1, (self.frame_sizes[-1] if self.frame_sizes else 0) // page_frames)
         self.past_sizes = [p for p in PAST_PAGE_BUCKETS if p <= max_past]
-        self.graphs: dict[tuple[int, int, int], _CapturedStep] = {}
+        self.graphs: dict[tuple[int, int, int], _StepRunner] = {}
         self._pool = None
-        times = euler_times(cfm.time_grid(self.steps, device, dtype))
+        times = euler_times(cfm.time_grid(steps, device, dtype))
         self.t_all = torch.cat([t.reshape(1) for t, _ in times])
         self.dt_all = torch.cat([dt.reshape(1) for _, dt in times])
-        self._free_pages = list(range(memory.pages - 1, 0, -1))  # page 0 is scratch
-        self._free_slots = list(range(memory.slots - 1, 0, -1))  # slot 0 is scratch
+        self._free_pages: list[int] = []
+        self._free_slots: list[int] = []
         self._released: list[StreamPages] = []
         self._lock = threading.Lock()
         self.calls = {"graphed": 0, "eager": 0, "fallbacks": 0}
+
+    def attach(self, memory: EstimatorMemory) -> None:
+        if memory.steps != self.steps or memory.page_frames != self.page_frames:
+            raise ValueError("the memory's Euler steps and page size must be the sampler's")
+        self.memory = memory
+        self._free_pages = list(range(memory.pages - 1, 0, -1))  # page 0 is scratch
+        self._free_slots = list(range(memory.slots - 1, 0, -1))  # slot 0 is scratch
 
     # --- memory ---------------------------------------------------------------------------
     @property
@@ -178,13 +192,15 @@ class PagedFlow:
                                                     cache_enabled=False):
             for shape in sorted(shapes, key=lambda s: -s[0] * (s[1] + s[2] * self.page_frames)):
                 if shape not in self.graphs:
-                    self.graphs[shape] = _CapturedStep(self, *shape, self._pool)
+                    runner = _StepRunner(self, *shape)
+                    runner.capture(self._pool)
+                    self.graphs[shape] = runner
 
     # --- a call --------------------------------------------------------------------------------
     def buffers(self, batch: int, frames: int, past_pages: int) -> dict:
         """Inputs of a (batch, frames, past pages) call; the tables are views of one int64 tensor (one copy)."""
         device, dtype, rows = self.device, self.dtype, 2 * batch
-        bins = self.cfm.n_feats
+        bins = self.mel_bins
         widths = {"read": past_pages, "write": frames // self.page_frames, "slots": 1, "advance": 1, "past": 1,
                   "length": 1}
         data = torch.zeros(rows, sum(widths.values()), dtype=torch.long, device=device)
@@ -237,14 +253,9 @@ class PagedFlow:
             shape = (count, -(-longest // page) * page, past_pages)
         batch, frames, past = shape
         inputs = self._inputs(prepared, indices, rows, batch, frames, past)
-        graph = self.graphs.get(shape)
-        if graph is not None:
-            self.calls["graphed"] += 1
-            x = graph.run(inputs)
-        else:
-            self.calls["eager"] += 1
-            x = self._run_eager(inputs, batch, frames, past)
-        x = x.float()
+        runner = self.graphs.get(shape)
+        self.calls["graphed" if runner is not None else "eager"] += 1
+        x = (runner or _StepRunner(self, batch, frames, past)).run(inputs).float()
         return [x[b, :, : row.end - row.start] for b, row in enumerate(rows)]
 
     def _inputs(self, prepared: FlowBatch, indices: list[int], rows: list[PagedRow], batch: int, frames: int,
@@ -272,14 +283,3 @@ class PagedFlow:
         spks = prepared.speaker.index_select(0, index_d).to(self.dtype)
         table_data = torch.from_numpy(self._table_data(rows, batch, frames, past_pages)).to(device)
         return {"x": x, "mu": mu, "mask": mask, "cond": cond, "spks": spks, "table_data": table_data}
-
-    def _run_eager(self, inputs: dict, batch: int, frames: int, past_pages: int) -> torch.Tensor:
-        buffers = self.buffers(batch, frames, past_pages)
-        buffers["table_data"].copy_(inputs["table_data"])
-        x = inputs["x"]
-        step = buffers["step"]
-        for _ in range(self.steps):
-            x = paged_euler_step(self.cfm, x, inputs["mu"], inputs["mask"], inputs["spks"], inputs["cond"],
-                                 self.t_all, self.dt_all, step, self.memory, buffers["tables"])
-            step.add_(1)
-        return x
