@@ -149,15 +149,22 @@ class Engine:
             pages = 4 * 2**30 // page_bytes
         else:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            spare = self.gpu_memory_fraction * total - torch.cuda.memory_allocated(self.device) - FLOW_RESERVE_BYTES
+            # Reserved, not allocated: the CUDA graphs' private pools only count in the former.
+            spare = self.gpu_memory_fraction * total - torch.cuda.memory_reserved(self.device) - FLOW_RESERVE_BYTES
             pages = int(max(0, spare) // page_bytes)
         pages = min(pages, cap)
-        if pages < 3:
+        memory = None
+        while memory is None and pages >= 3:
+            try:
+                memory = EstimatorMemory(estimator, paged.steps, pages, 2 * self.max_sessions + 1, paged.page_frames,
+                                         paged.dtype, self.device)
+            except torch.cuda.OutOfMemoryError:  # an estimate off by what the allocator holds back: ask for less
+                pages //= 2
+        if memory is None:
             log.warning("no memory left for the incremental flow: every chunk re-runs its prefix")
             self.paged_flow = self.token2wav.paged = None
             return
-        paged.attach(EstimatorMemory(estimator, paged.steps, pages, 2 * self.max_sessions + 1, paged.page_frames,
-                                     paged.dtype, self.device))
+        paged.attach(memory)
         log.info("incremental flow memory: %d pages of %d frames, %.2f GiB (%.0f s of audio over all streams)",
                  pages - 1, paged.page_frames, pages * page_bytes / 2**30, (pages - 1) / 2 * paged.page_frames / 50)
 
