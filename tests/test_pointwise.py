@@ -69,3 +69,13 @@ def test_a_compiled_kernel_that_fails_later_hands_over_to_eager(monkeypatch, eag
     torch.testing.assert_close(pointwise.rms_norm(x, w, 1e-6), pointwise._EAGER["rms_norm"](x, w, 1e-6))
     assert pointwise.rms_norm is pointwise._EAGER["rms_norm"]
     assert pointwise.compiled_enabled()  # the others stay compiled
+
+
+def test_window_columns_with_zero_history_are_the_causal_columns():
+    """The incremental paths' convolution columns (two history frames, then the window) lay frames out as the
+    whole-sequence ones do, so one matmul weight serves both."""
+    generator = torch.Generator().manual_seed(3)
+    x, mask = torch.randn(2, 6, 9, generator=generator), (torch.rand(2, 1, 9, generator=generator) > 0.3).float()
+    joined = torch.cat([torch.zeros(2, 6, 2), x * mask], dim=2)
+    assert torch.equal(pointwise.window_columns(joined, torch.float32),
+                       pointwise.causal_columns(x, mask, torch.float32))

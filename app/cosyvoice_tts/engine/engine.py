@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # GPU memory kept for the incremental flow's own graphs and for serving when its pool is sized from the memory
 # fraction (after every other graph is captured)
-FLOW_RESERVE_BYTES = 3 * 2**30
+FLOW_RESERVE_BYTES = 8 * 2**30
 URGENT_AHEAD_S = 1.0  # a playing stream with less audio than this buffered keeps its LM steps, whatever else runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

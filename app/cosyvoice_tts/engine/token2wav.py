@@ -62,6 +62,7 @@ class StreamState:
     # The flow's memory of this stream between chunks (flow_pages.StreamPages), FULL_RERUN once it re-runs its
     # whole prefix at every chunk instead, None before its first chunk. Written by the vocoder thread only.
     flow_memory: object | None = None
+    ended: bool = False  # the request is gone (set by any thread): its memory goes back, none is taken for it
 
     def __post_init__(self) -> None:
         prompt_len = int(self.prompt_token.shape[1])
@@ -128,9 +129,10 @@ class Token2Wav:
 
     def forget(self, state: StreamState) -> None:
         """The request of `state` ended (any thread): its flow memory goes back to the pool."""
+        state.ended = True
         memory = state.flow_memory
         if self.paged is not None and isinstance(memory, StreamPages):
-            self.paged.release(memory)
+            self.paged.release(memory)  # the vocoder thread releases it too if it took memory meanwhile
 
     @torch.inference_mode()
     def run_batch(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]]) -> list[np.ndarray]:
@@ -163,6 +165,9 @@ class Token2Wav:
                 finalize=[c.finalize for c in chunks],
             )
             mels = self._sample(prepared, states, chunks)
+        for state in states:
+            if state.ended:  # ended while this batch ran, perhaps after its memory was taken: give it back
+                self.forget(state)
         new_mels = []
         for state, chunk, (mel, first) in zip(states, chunks, mels):
             # From the first frame after the prompt and the audio already sent: float32 [1, 80, T].
@@ -188,6 +193,8 @@ class Token2Wav:
         """The sampler for every chunk: paged rows in one call, the rest re-run their prefix in another.
         Returns (float32 mel [80, T], absolute index of its first frame) per chunk."""
         ratio = self.cfg.token_mel_ratio
+        if self.paged is not None:
+            self.paged.apply_releases()  # of streams that ended since the last batch
         rows = [self._paged_row(state, chunk) for state, chunk in zip(states, chunks)]
         out: list = [None] * len(states)
         paged = [i for i, row in enumerate(rows) if row is not None]
@@ -219,9 +226,13 @@ class Token2Wav:
 
     def _paged_row(self, state: StreamState, chunk: Chunk) -> PagedRow | None:
         """This chunk's part of the paged call, its pages allocated; None: it re-runs its prefix."""
-        if self.paged is None or not state.stream or state.flow_memory == FULL_RERUN:
+        if self.paged is None or not state.stream or state.flow_memory == FULL_RERUN or state.ended:
             return None
         memory = state.flow_memory
+        if memory is None and state.chunks_done == 0:
+            # A first chunk re-runs: it has no past to skip, the re-run's graphs are leaner (no memory to keep),
+            # and the first chunk is what a listener waits for. The next call starts the memory from frame 0.
+            return None
         if memory is None:
             memory = state.flow_memory = self.paged.open_stream()
             if memory is None:

@@ -50,7 +50,11 @@ class CausalConv1d(nn.Conv1d):
         """x [B, C, T], multiplied by mask [B, 1, T] first if given."""
         if window is not None:
             x = x if mask is None else x * mask
-            return super().forward(window.conv_input(self, x, self.left_context))
+            joined = window.conv_input(self, x, self.left_context)
+            if self.matmul_weight is None:
+                return super().forward(joined)
+            columns = pointwise.window_columns(joined, pointwise.compute_dtype(joined))
+            return F.linear(columns, self.matmul_weight, self.bias).transpose(1, 2)
         if self.matmul_weight is None:
             x = x if mask is None else x * mask
             return super().forward(F.pad(x, (self.left_context, 0)))
@@ -97,11 +101,12 @@ class CausalResnetBlock1D(nn.Module):
         self.block1 = CausalBlock1D(dim, dim_out)
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
+        self.convs_as_matmuls = False  # set by the estimator's fuse_projections
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, time_emb: torch.Tensor,
                 window: FrameWindow | None = None) -> torch.Tensor:
         h = self.block1(x, mask, window, shift=self.mlp(time_emb).unsqueeze(-1))
-        if window is None and self.block1.block[0].matmul_weight is not None:
+        if self.convs_as_matmuls:
             residual = pointwise_conv(self.res_conv, x, mask)
         else:
             residual = self.res_conv(x * mask)
@@ -292,6 +297,7 @@ class CausalConditionalDecoder(nn.Module):
             ]))
         self.final_block = CausalBlock1D(channels[0], channels[0])
         self.final_proj = nn.Conv1d(channels[0], out_channels, 1)
+        self.convs_as_matmuls = False  # kernel-1 convolutions as GEMMs (fuse_projections)
 
     def fuse_projections(self) -> None:
         """Fewer kernels per call, same model: q/k/v as one GEMM, convolutions as GEMMs. Call once the weights
@@ -301,6 +307,9 @@ class CausalConditionalDecoder(nn.Module):
                 module.fuse_projections()
             elif isinstance(module, CausalConv1d):
                 module.prepare_matmul()
+            elif isinstance(module, CausalResnetBlock1D):
+                module.convs_as_matmuls = True
+        self.convs_as_matmuls = True
 
     def supports_incremental(self) -> bool:
         """Exact incremental evaluation needs chunked attention and a single U-Net level (the strided
@@ -375,7 +384,7 @@ class CausalConditionalDecoder(nn.Module):
             h = attend(blocks, resnet(h, level_mask, time_emb, window), level_mask)
             h = self._resample(upsample, h * level_mask, window)
         h = self.final_block(h, level_mask, window)
-        if window is None and self.final_block.block[0].matmul_weight is not None:
+        if self.convs_as_matmuls:
             return pointwise_conv(self.final_proj, h, level_mask) * mask
         return self.final_proj(h * level_mask) * mask
 

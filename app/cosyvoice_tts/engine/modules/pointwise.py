@@ -71,6 +71,13 @@ def causal_columns(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> t
     return x.unfold(2, 3, 1).permute(0, 2, 3, 1).reshape(batch, -1, 3 * channels).to(dtype)
 
 
+def window_columns(joined: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, C, 2 + T]: two frames of history, then T frames -> [B, T, 3C] in `dtype`, laid out as
+    `causal_columns` (the incremental paths' kernel-3 causal convolution as one matmul)."""
+    batch, channels, _ = joined.shape
+    return joined.unfold(2, 3, 1).permute(0, 2, 3, 1).reshape(batch, -1, 3 * channels).to(dtype)
+
+
 def masked_frames(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, C, T] times mask [B, 1, T] -> [B, T, C] in `dtype`: the input of a kernel-1 convolution as a matmul."""
     return (x * mask).transpose(1, 2).to(dtype)
@@ -83,7 +90,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 FUNCTIONS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "norm_mish", "add_layer_norm", "causal_columns",
-             "masked_frames")
+             "window_columns", "masked_frames")
 _EAGER = {name: globals()[name] for name in FUNCTIONS}
 
 
@@ -160,5 +167,6 @@ def _samples(device: torch.device) -> dict[str, tuple]:
         "norm_mish": (randn(2, 32, 5), randn(32), randn(32), 1e-5, randn(2, 1, 5), randn(2, 32, 1)),
         "add_layer_norm": (x, d, w, randn(64), 1e-5, torch.float32),
         "causal_columns": (randn(2, 8, 5), randn(2, 1, 5), torch.float32),
+        "window_columns": (randn(2, 8, 7), torch.float32),
         "masked_frames": (randn(2, 8, 5), randn(2, 1, 5), torch.float32),
     }
