@@ -3,7 +3,8 @@ kernel-saving option buys.
 
     python bench/profile_steps.py --model-dir DIR
 
-Prints graphed ms per call for the LM decode step (batch 1 and 32, context bucket 256) and the CFM sampler
+With --paged: the incremental flow's sampler (engine/flow_pages.py) against the re-run of the same chunk's prefix.
+Otherwise: graphed ms per call for the LM decode step (batch 1 and 32, context bucket 256) and the CFM sampler
 (batch 1 x 50 frames, 16 x 500) with the compiled elementwise kernels off and on, then the CUDA kernels of one
 eager call of each (count and time by kernel name) in the engine's setting. Needs a GPU.
 """
@@ -51,11 +52,46 @@ def kernel_table(run, calls: int = 1, rows: int = 20) -> str:
     return "\n".join(lines)
 
 
+def paged_against_rerun(flow, sampler, device: torch.device, repeats: int) -> None:
+    """The incremental (paged) sampler's 10 Euler steps for (batch, new frames, past pages) against the re-run
+    sampler over the whole prefix that the same chunk would otherwise cost, both graphed; then the kernels of
+    one Euler step of each."""
+    from cosyvoice_tts.engine.flow_pages import PagedFlow, _StepRunner
+    from cosyvoice_tts.engine.modules.flow_paged import EstimatorMemory
+
+    estimator = flow.decoder.estimator
+    paged = PagedFlow(flow.decoder, device, torch.float16, [1, 16, 32], [50, 100, 200, 300], 300, page_frames=50)
+    paged.attach(EstimatorMemory(estimator, 10, 64, 65, 50, torch.float16, device))
+
+    def paged_call(batch: int, frames: int, past: int):
+        runner = _StepRunner(paged, batch, frames, past)
+
+        def run():
+            with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+                runner.buffers["step"].zero_()
+                for _ in range(paged.steps):
+                    runner._step()
+            return runner.buffers["x"]
+        return run
+
+    cases = (((1, 100, 0), (1, 100)), ((32, 50, 3), (32, 200)), ((16, 200, 8), (16, 500)), ((16, 100, 16), (16, 900)))
+    for (batch, frames, past), (rows, prefix) in cases:
+        paged_ms = graphed_ms(paged_call(batch, frames, past), device, max(3, repeats // 5))
+        rerun_ms = graphed_ms(sampler(rows, prefix), device, max(3, repeats // 5))
+        print(f"paged sampler {batch} x {frames} frames after {past} pages: {paged_ms:.2f} ms; re-run of the "
+              f"{rows} x {prefix} prefix: {rerun_ms:.2f} ms", flush=True)
+    print("paged sampler 16 x 200 after 8 pages, per Euler step:\n" + kernel_table(paged_call(16, 200, 8), calls=10,
+                                                                                   rows=30), flush=True)
+    print("re-run sampler 16 x 500, per Euler step:\n" + kernel_table(sampler(16, 500), calls=10, rows=30), flush=True)
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--paged", action="store_true",
+                        help="only the incremental (paged) flow sampler against the re-run, compiled kernels")
     args = parser.parse_args()
     device = torch.device("cuda:0")
     model = build_modules(args.model_dir)
@@ -85,6 +121,12 @@ def main() -> None:
             with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
                 return flow.decoder(mu=mu, mask=mask, n_timesteps=10, spks=spks, cond=cond, streaming=flags)[0]
         return run
+
+    if args.paged:
+        if not pointwise.use_compiled(device):
+            print("compiled kernels unavailable", flush=True)
+        paged_against_rerun(flow, sampler, device, args.repeats)
+        return
 
     for compiled in (False, True):
         if compiled and not pointwise.use_compiled(device):

@@ -150,7 +150,7 @@ def test_engine_streams_through_the_paged_flow_and_matches_the_rerun(tiny_model_
     text = "今天天气真不错，我们一起去公园散步吧，顺便买点水果回来。"
     audio = {}
     for name, gib in (("paged", None), ("rerun", 0)):
-        engine = Engine.load(tiny_model_dir, max_sessions=4, flow_memory_gib=gib)
+        engine = Engine.load(tiny_model_dir, max_sessions=4, flow_memory_gib=gib, paged_from_frames=0)
         engine.start()
         try:
             assert (engine.paged_flow is None) == (gib == 0)
@@ -169,3 +169,35 @@ def test_engine_streams_through_the_paged_flow_and_matches_the_rerun(tiny_model_
             engine.shutdown()
     assert audio["paged"].shape == audio["rerun"].shape
     np.testing.assert_allclose(audio["paged"], audio["rerun"], atol=1e-4)
+
+
+def test_a_stream_re_runs_until_its_prefix_is_long_then_keeps_memory(tiny_model_dir):
+    """The first chunk always re-runs, and so does every chunk while the prefix is at most paged_from_frames;
+    from then on the stream keeps its memory, and gives it back with its last chunk."""
+    from cosyvoice_tts.engine import Engine
+    from cosyvoice_tts.engine.flow_pages import StreamPages
+    from cosyvoice_tts.engine.token2wav import StreamState
+    from cosyvoice_tts.engine.voices import voice_prompt
+
+    engine = Engine.load(tiny_model_dir, max_sessions=2, paged_from_frames=160)
+    engine.start()
+    try:
+        prompt = voice_prompt("sft", engine._voice("中文女"), engine._tokenize, None)
+        state = StreamState(prompt.flow_prompt_speech, prompt.prompt_feat, prompt.embedding, stream=True, speed=1.0,
+                            cfg=engine.stream_config)
+        state.tokens = list(range(100, 300))
+        state.lm_done = True
+        seen = []  # (frames of the prefix, memory kept after the chunk)
+        while (chunk := state.next_chunk()) is not None:
+            engine.token2wav.run_batch([(state, chunk, torch.Generator().manual_seed(0))])
+            memory = state.flow_memory
+            seen.append((2 * (len(chunk.tokens) - (0 if chunk.finalize else 3)),
+                         memory.kept_frames if isinstance(memory, StreamPages) else None))
+        # Hops of 25, 50, 100 tokens, then the rest: prefixes of 50 and 150 frames re-run (<= 160), then the
+        # memory starts at frame 0 and keeps everything before the last chunk boundary.
+        assert seen == [(50, None), (150, None), (350, 350), (400, 400)]
+        assert isinstance(state.flow_memory, StreamPages) and state.flow_memory.released
+        engine.paged_flow.apply_releases()
+        assert engine.paged_flow.free_pages == engine.paged_flow.memory.pages - 1
+    finally:
+        engine.shutdown()

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # GPU memory kept for the incremental flow's own graphs and for serving when its pool is sized from the memory
 # fraction (after every other graph is captured)
 FLOW_RESERVE_BYTES = 8 * 2**30
+# A stream re-runs its flow prefix until it is longer than this (mel frames, prompt included: 10 s), then keeps
+# the estimator's memory (flow_pages.py): the crossing point measured on an H100 (docs/performance.md, run p5).
+PAGED_FROM_FRAMES = 500
 URGENT_AHEAD_S = 1.0  # a playing stream with less audio than this buffered keeps its LM steps, whatever else runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -46,7 +49,8 @@ class Engine:
     def __init__(self, model, frontend, device: torch.device, dtype: torch.dtype, max_sessions: int,
                  max_context: int, use_cuda_graphs: bool = True, scheduler_config: SchedulerConfig | None = None,
                  max_graph_frames: int = 1000, gpu_memory_fraction: float | None = None,
-                 compile_kernels: bool = True, flow_memory_gib: float | None = None):
+                 compile_kernels: bool = True, flow_memory_gib: float | None = None,
+                 paged_from_frames: int = PAGED_FROM_FRAMES):
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -97,8 +101,10 @@ class Engine:
                                                  input_dtype=self.flow.input_embedding.weight.dtype)
             self.flow.encoder = self.encoder_graphs
         self.flow_memory_gib = flow_memory_gib
+        self.paged_from_frames = paged_from_frames
         self.paged_flow = self._paged_flow(flow_dtype, max_graph_frames)
-        self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype, self.paged_flow)
+        self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype, self.paged_flow,
+                                   paged_from_frames)
         self.scheduler = Scheduler(scheduler_config)
         self.hift_graphs = None
         if use_cuda_graphs and device.type == "cuda":
@@ -129,8 +135,11 @@ class Engine:
         cfg = self.stream_config
         later = cfg.token_mel_ratio * (cfg.token_max_hop_len + cfg.pre_lookahead_len + self.flow.incremental_unit)
         cfm = self.flow_graphs.inner if self.flow_graphs is not None else self.flow.decoder
+        # A stream's first paged call comes once its prefix passes paged_from_frames, so its later calls have
+        # at least the pages before that boundary (less the partial chunk left open).
+        min_past = max(1, self.paged_from_frames // page - 1)
         return PagedFlow(cfm, self.device, flow_dtype, batch_ladder(self.max_sessions), frame_sizes,
-                         max_later_frames=-(-later // page) * page, page_frames=page)
+                         max_later_frames=-(-later // page) * page, page_frames=page, min_past_pages=min_past)
 
     def _attach_flow_memory(self) -> None:
         """Allocate the incremental flow's pool, once every other CUDA graph is captured: `flow_memory_gib` if
@@ -174,11 +183,12 @@ class Engine:
              max_context: int = 4096, use_cuda_graphs: bool = True,
              scheduler_config: SchedulerConfig | None = None, backend: str = "native",
              gpu_memory_fraction: float | None = 0.9, compile_kernels: bool = True,
-             flow_memory_gib: float | None = None) -> "Engine":
+             flow_memory_gib: float | None = None, paged_from_frames: int = PAGED_FROM_FRAMES) -> "Engine":
         """gpu_memory_fraction: the share of the card this worker may allocate (native backend; vLLM sizes its
         own memory); None: no cap. compile_kernels: fused elementwise kernels on a GPU (modules/pointwise.py).
         flow_memory_gib: the incremental flow's memory pool (0: every chunk re-runs its prefix); None: sized from
-        the memory fraction (see `_paged_flow`)."""
+        the memory fraction (see `_attach_flow_memory`). paged_from_frames: how long (mel frames, prompt included)
+        a stream's prefix gets before the flow keeps its memory instead of re-running it."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -199,7 +209,7 @@ class Engine:
         frontend = Frontend(model_dir, torch_device)
         engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs,
                      scheduler_config, gpu_memory_fraction=gpu_memory_fraction, compile_kernels=compile_kernels,
-                     flow_memory_gib=flow_memory_gib)
+                     flow_memory_gib=flow_memory_gib, paged_from_frames=paged_from_frames)
         log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
         return engine
 

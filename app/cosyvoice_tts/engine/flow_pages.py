@@ -26,7 +26,8 @@ from .modules.flow_paged import EstimatorMemory, PagedTables, paged_euler_step
 
 log = logging.getLogger(__name__)
 
-PAST_PAGE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
+# Past lengths (pages) with graphs; a longer past runs eagerly (over 64 s of audio before the window).
+PAST_PAGE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
 
 
 @dataclass
@@ -88,10 +89,11 @@ class _StepRunner:
 
 class PagedFlow:
     def __init__(self, cfm, device: torch.device, dtype: torch.dtype, batch_sizes: list[int], frame_sizes: list[int],
-                 max_later_frames: int, page_frames: int, steps: int = 10):
+                 max_later_frames: int, page_frames: int, steps: int = 10, min_past_pages: int = 1):
         """cfm: the flow's `CausalConditionalCFM` (not a graphed wrapper); frame_sizes: window widths (multiples of
-        the page); max_later_frames: the widest window of a stream's later chunks (first chunks, with no past,
-        may use every frame size). `attach` gives it its memory."""
+        the page); max_later_frames: the widest window of a stream's later chunks (first calls, with no past,
+        may use every frame size); min_past_pages: the shortest past a later call can have (smaller past buckets
+        are not captured). `attach` gives it its memory."""
         self.cfm = cfm
         self.memory: EstimatorMemory | None = None
         self.device = device
@@ -102,8 +104,7 @@ class PagedFlow:
         self.batch_sizes = sorted(batch_sizes)
         self.frame_sizes = sorted(f for f in frame_sizes if f % page_frames == 0)
         self.max_later_frames = max_later_frames
-        max_past = max(1, (self.frame_sizes[-1] if self.frame_sizes else 0) // page_frames)
-        self.past_sizes = [p for p in PAST_PAGE_BUCKETS if p <= max_past]
+        self.past_sizes = [0, min_past_pages] + [p for p in PAST_PAGE_BUCKETS if p > min_past_pages]
         self.graphs: dict[tuple[int, int, int], _StepRunner] = {}
         self._pool = None
         times = euler_times(cfm.time_grid(steps, device, dtype))

@@ -196,12 +196,17 @@ def check_paged_flow(engine: Engine, text: str = "", voice: str = "") -> float:
     def synthesize():
         return engine.submit(SynthesisParams(voice=voice, seed=11, stream=True), text=text).audio()
 
-    paged_audio = synthesize()
-    paged, engine.token2wav.paged = engine.token2wav.paged, None
+    token2wav = engine.token2wav
+    from_frames, token2wav.paged_from_frames = token2wav.paged_from_frames, 0  # paged from the second chunk
+    try:
+        paged_audio = synthesize()
+    finally:
+        token2wav.paged_from_frames = from_frames
+    paged, token2wav.paged = token2wav.paged, None
     try:
         rerun_audio = synthesize()
     finally:
-        engine.token2wav.paged = paged
+        token2wav.paged = paged
     if paged_audio.shape != rerun_audio.shape:
         raise AssertionError(f"audio lengths differ: {paged_audio.shape} vs {rerun_audio.shape}")
     return round(float(abs(paged_audio - rerun_audio).max()), 7)
@@ -256,7 +261,8 @@ def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int,
     """ms per vocoder batch and per stage (flow encoder, CFM sampler, HiFT) for (batch, speech tokens, last)
     shapes, run through `Token2Wav.run_batch`: each item the first chunk of a fresh stream of that many tokens, or
     with `last` the final chunk of such a stream after its earlier chunks (untimed). With the incremental flow,
-    every shape is timed twice: with it ("paged") and with each prefix re-run ("rerun")."""
+    every shape is timed twice: with it from each stream's second chunk on ("paged"), and with each prefix re-run
+    ("rerun")."""
     from ..engine.token2wav import StreamState
     from ..engine.voices import voice_prompt
 
@@ -272,11 +278,12 @@ def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int,
     for module, method, name in patched:
         setattr(module, method, _Timed(getattr(module, method), name, totals, engine.device))
     modes = ["paged", "rerun"] if engine.paged_flow is not None else ["rerun"]
-    paged = token2wav.paged
+    paged, from_frames = token2wav.paged, token2wav.paged_from_frames
     rows = []
     try:
         for mode in modes:
             token2wav.paged = paged if mode == "paged" else None
+            token2wav.paged_from_frames = 0 if mode == "paged" else from_frames  # "paged": from the 2nd chunk on
             for batch, tokens, last in shapes:
                 generator = torch.Generator().manual_seed(batch * 7919 + tokens)
                 for attempt in range(repeats + 1):
@@ -316,7 +323,7 @@ def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int,
                              **{k: round(v / repeats, 1) for k, v in totals.items()}})
                 print(json.dumps({"vocoder_stage_ms": rows[-1]}), flush=True)
     finally:
-        token2wav.paged = paged
+        token2wav.paged, token2wav.paged_from_frames = paged, from_frames
         for module, method, _ in patched:
             delattr(module, method)
     return rows
@@ -352,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flow-memory-gib", type=float, default=None,
                         help="the incremental flow's memory pool (0: every chunk re-runs its prefix, as upstream); "
                              "default: sized from the memory fraction, 0 with --unbatched")
+    parser.add_argument("--paged-from-frames", type=int, default=None,
+                        help="prefix length (mel frames) from which a stream's flow keeps its memory (engine default)")
     parser.add_argument("--rerun-levels", default="",
                         help="after the levels, these concurrencies again with every chunk re-running its prefix "
                              "(upstream's flow), same engine, for side-by-side ratios")
@@ -367,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max_sessions,
                          use_cuda_graphs=not args.unbatched, scheduler_config=scheduler,
                          compile_kernels=not args.eager_kernels,
-                         flow_memory_gib=0 if args.unbatched and args.flow_memory_gib is None else args.flow_memory_gib)
+                         flow_memory_gib=0 if args.unbatched and args.flow_memory_gib is None else args.flow_memory_gib,
+                         **({} if args.paged_from_frames is None else {"paged_from_frames": args.paged_from_frames}))
     load_s = time.monotonic() - t0
     t0 = time.monotonic()
     engine.start()
