@@ -173,15 +173,17 @@ class PagedFlow:
         return rows, width, past
 
     def shapes_within(self, frame_rows: int) -> list[tuple[int, int, int]]:
-        """Buckets of at most `frame_rows` padded batch x frames (batch 1 always); windows wider than a later
-        chunk's only with no past (first chunks)."""
+        """Buckets of at most `frame_rows` padded batch x frames, and of at most 4 x `frame_rows` batch x keys (the
+        past and the window: what each layer gathers), batch 1 always; windows wider than a later chunk's only
+        with no past (first calls)."""
         shapes = []
         for frames in self.frame_sizes:
             for batch in self.batch_sizes:
                 if batch != 1 and batch * frames > frame_rows:
                     continue
                 for past in self.past_sizes:
-                    if past and frames > self.max_later_frames:
+                    if past and (frames > self.max_later_frames
+                                 or (batch != 1 and batch * (frames + past * self.page_frames) > 4 * frame_rows)):
                         continue
                     shapes.append((batch, frames, past))
         return shapes
@@ -192,10 +194,15 @@ class PagedFlow:
         with torch.inference_mode(), torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32,
                                                     cache_enabled=False):
             for shape in sorted(shapes, key=lambda s: -s[0] * (s[1] + s[2] * self.page_frames)):
-                if shape not in self.graphs:
-                    runner = _StepRunner(self, *shape)
+                if shape in self.graphs:
+                    continue
+                runner = _StepRunner(self, *shape)
+                try:
                     runner.capture(self._pool)
-                    self.graphs[shape] = runner
+                except torch.cuda.OutOfMemoryError:  # that shape runs eagerly; smaller ones may still fit
+                    log.warning("no memory to capture the incremental flow step for %s; it runs eagerly", shape)
+                    continue
+                self.graphs[shape] = runner
 
     # --- a call --------------------------------------------------------------------------------
     def buffers(self, batch: int, frames: int, past_pages: int) -> dict:
