@@ -191,6 +191,28 @@ def test_parse_args_flags():
     cfg = parse_args(["--max-context", "2048", "--gpu-memory-fraction", "0.45"], environ={})
     assert (cfg.max_context, cfg.gpu_memory_fraction) == (2048, 0.45)
     assert cfg.eager_kernels is False and parse_args(["--eager-kernels"], environ={}).eager_kernels is True
+    assert cfg.flow_memory_gib is None and parse_args(["--flow-memory-gib", "12.5"], environ={}).flow_memory_gib == 12.5
+
+
+@pytest.mark.parametrize("argv, expected", [([], "absent"), (["--flow-memory-gib", "0"], 0.0),
+                                            (["--flow-memory-gib", "20"], 20.0)])
+def test_load_engine_passes_the_flow_memory_only_when_given(monkeypatch, tmp_path, argv, expected):
+    from cosyvoice_tts.engine import Engine
+    from cosyvoice_tts.server.model import load_engine
+
+    seen = {}
+
+    class Started:
+        def start(self):
+            pass
+
+    def fake_load(model_dir, flow_memory_gib="absent", **kwargs):
+        seen["flow_memory_gib"] = flow_memory_gib
+        return Started()
+
+    monkeypatch.setattr(Engine, "load", fake_load)
+    load_engine(parse_args(["--model-dir", str(tmp_path)] + argv, environ={}), "cpu", "fp32")
+    assert seen["flow_memory_gib"] == expected
 
 
 @pytest.mark.parametrize("argv, compiled", [([], True), (["--eager-kernels"], False)])
@@ -217,7 +239,7 @@ def test_load_engine_passes_the_kernel_choice(monkeypatch, tmp_path, argv, compi
     "argv",
     [["--backend", "tensorrt"], ["--max-sessions", "0"], ["--port", "70000"], ["--fp16", "--dtype", "bf16"],
      ["--drain-timeout", "-1"], ["--max-context", "100"], ["--gpu-memory-fraction", "0"],
-     ["--gpu-memory-fraction", "1.5"]],
+     ["--gpu-memory-fraction", "1.5"], ["--flow-memory-gib", "-1"]],
 )  # fmt: skip
 def test_parse_args_rejects(argv, capsys):
     with pytest.raises(SystemExit) as ei:

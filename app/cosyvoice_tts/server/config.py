@@ -24,6 +24,7 @@ class ServerConfig:
     max_context: int = 4096  # LM context per session (prompt + text + speech tokens): sizes the KV cache
     gpu_memory_fraction: float = 0.9  # share of the card this worker may allocate (native backend)
     eager_kernels: bool = False  # no compiled elementwise kernels on the GPU (faster start, slower steps)
+    flow_memory_gib: float | None = None  # incremental flow pool (native); None: what the fraction leaves; 0: off
     max_connections: int = 0  # 0: 4 x max_sessions
     drain_timeout: float = 30.0
     auth_token: str | None = field(default=None, repr=False)
@@ -62,6 +63,8 @@ class ServerConfig:
             raise ValueError("--max-context must be >= 256")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError("--gpu-memory-fraction must be in (0, 1]")
+        if self.flow_memory_gib is not None and self.flow_memory_gib < 0:
+            raise ValueError("--flow-memory-gib must be >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="native backend on a GPU: skip compiling the fused elementwise kernels (torch.compile): about a "
         "minute less to start, slower decode and flow steps",
+    )
+    p.add_argument(
+        "--flow-memory-gib",
+        type=float,
+        default=None,
+        help="native backend: GPU memory for the flow's per-stream memory, which spares streams longer than 10 s "
+        "from re-running their whole prefix at every chunk (115 MB per second of audio kept); 0: always re-run "
+        "(default: what --gpu-memory-fraction leaves after the model, the KV cache and the CUDA graphs, less 8 GiB)",
     )
     p.add_argument(
         "--max-connections", type=int, default=0, help="open WebSocket connections (default 4 x --max-sessions)"
@@ -160,6 +171,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         max_context=a.max_context,
         gpu_memory_fraction=a.gpu_memory_fraction,
         eager_kernels=a.eager_kernels,
+        flow_memory_gib=a.flow_memory_gib,
         max_connections=a.max_connections,
         drain_timeout=a.drain_timeout,
         auth_token=token or None,

@@ -103,6 +103,8 @@ def load_engine(cfg: ServerConfig, device: str, dtype: str) -> Any:
         kwargs["gpu_memory_fraction"] = cfg.gpu_memory_fraction
     if "compile_kernels" in params and cfg.backend == "native":
         kwargs["compile_kernels"] = not cfg.eager_kernels
+    if "flow_memory_gib" in params and cfg.backend == "native" and cfg.flow_memory_gib is not None:
+        kwargs["flow_memory_gib"] = cfg.flow_memory_gib
     if "backend" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         kwargs["backend"] = cfg.backend
     elif cfg.backend != "native":
