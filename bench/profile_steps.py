@@ -2,6 +2,7 @@
 kernel-saving option buys.
 
     python bench/profile_steps.py --model-dir DIR
+    python bench/profile_steps.py --paged
 
 With --paged: the incremental flow's sampler (engine/flow_pages.py) against the re-run of the same chunk's prefix.
 Otherwise: graphed ms per call for the LM decode step (batch 1 and 32, context bucket 256) and the CFM sampler
@@ -57,11 +58,10 @@ def paged_against_rerun(flow, sampler, device: torch.device, repeats: int) -> No
     sampler over the whole prefix that the same chunk would otherwise cost, both graphed; then the kernels of
     one Euler step of each."""
     from cosyvoice_tts.engine.flow_pages import PagedFlow, _StepRunner
-    from cosyvoice_tts.engine.modules.flow_paged import EstimatorMemory
 
     estimator = flow.decoder.estimator
     paged = PagedFlow(flow.decoder, device, torch.float16, [1, 16, 32], [50, 100, 200, 300], 300, page_frames=50)
-    paged.attach(EstimatorMemory(estimator, 10, 64, 65, 50, torch.float16, device))
+    paged.attach(paged.memory_for(estimator, 64, 65))
 
     def paged_call(batch: int, frames: int, past: int):
         runner = _StepRunner(paged, batch, frames, past)
@@ -85,15 +85,63 @@ def paged_against_rerun(flow, sampler, device: torch.device, repeats: int) -> No
     print("re-run sampler 16 x 500, per Euler step:\n" + kernel_table(sampler(16, 500), calls=10, rows=30), flush=True)
 
 
+def release_size_flow():
+    """The flow at the release size with random weights, built from `make_model`'s configuration without
+    writing a model directory (the paged comparison needs nothing else)."""
+    import tempfile
+    from pathlib import Path
+
+    from cosyvoice_tts.engine.hparams import HParams
+    from cosyvoice_tts.engine.registry import model_registry
+    from cosyvoice_tts.tools.make_model import SIZES, _format_yaml
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cosyvoice2.yaml"
+        path.write_text(_format_yaml("full", SIZES["full"], 0), encoding="utf-8")
+        return HParams.from_file(path, overrides={"qwen_pretrain_path": folder}).build("flow", model_registry())
+
+
+def sampler_call(flow, device: torch.device):
+    """sampler(batch, frames) -> a call of the flow's CFM sampler (10 steps) on fixed random inputs."""
+    def sampler(batch: int, frames: int):
+        mu = torch.randn(batch, 80, frames, device=device, dtype=torch.float16)
+        mask = torch.ones(batch, 1, frames, device=device, dtype=torch.float16)
+        spks = torch.randn(batch, 80, device=device, dtype=torch.float16)
+        cond = torch.zeros_like(mu)
+        flags = torch.ones(batch, dtype=torch.bool, device=device)
+
+        def run():
+            with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+                return flow.decoder(mu=mu, mask=mask, n_timesteps=10, spks=spks, cond=cond, streaming=flags)[0]
+        return run
+    return sampler
+
+
+def engine_flow(flow, device: torch.device):
+    """The flow as the engine holds it: on the GPU, half weights, fused projections."""
+    flow = flow.to(device)
+    flow.store_weights_in(torch.float16)
+    flow.decoder.estimator.fuse_projections()
+    return flow
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--model-dir", help="a model directory (needed unless --paged, which builds its own flow)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--paged", action="store_true",
                         help="only the incremental (paged) flow sampler against the re-run, compiled kernels")
     args = parser.parse_args()
     device = torch.device("cuda:0")
+    if args.paged:
+        flow = engine_flow(build_modules(args.model_dir).flow if args.model_dir else release_size_flow(), device)
+        if not pointwise.use_compiled(device):
+            print("compiled kernels unavailable", flush=True)
+        paged_against_rerun(flow, sampler_call(flow, device), device, args.repeats)
+        return
+    if not args.model_dir:
+        parser.error("--model-dir is required")
     model = build_modules(args.model_dir)
 
     llm = model.llm.to(device=device, dtype=torch.bfloat16)
@@ -106,27 +154,8 @@ def main() -> None:
         positions = torch.full((batch, 1), 100, device=device)
         return lambda: runner._decode_forward(tokens, slots, positions, 256)
 
-    flow = model.flow.to(device)
-    flow.store_weights_in(torch.float16)
-    flow.decoder.estimator.fuse_projections()
-
-    def sampler(batch: int, frames: int):
-        mu = torch.randn(batch, 80, frames, device=device, dtype=torch.float16)
-        mask = torch.ones(batch, 1, frames, device=device, dtype=torch.float16)
-        spks = torch.randn(batch, 80, device=device, dtype=torch.float16)
-        cond = torch.zeros_like(mu)
-        flags = torch.ones(batch, dtype=torch.bool, device=device)
-
-        def run():
-            with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
-                return flow.decoder(mu=mu, mask=mask, n_timesteps=10, spks=spks, cond=cond, streaming=flags)[0]
-        return run
-
-    if args.paged:
-        if not pointwise.use_compiled(device):
-            print("compiled kernels unavailable", flush=True)
-        paged_against_rerun(flow, sampler, device, args.repeats)
-        return
+    flow = engine_flow(model.flow, device)
+    sampler = sampler_call(flow, device)
 
     for compiled in (False, True):
         if compiled and not pointwise.use_compiled(device):

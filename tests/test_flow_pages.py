@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cosyvoice_tts.engine.flow_pages import PagedFlow, PagedRow
-from cosyvoice_tts.engine.modules.flow_paged import EstimatorMemory
 from test_flow import ATOL, pad_batch, request, run_single, tiny_flow
 
 STEPS = 10
@@ -31,8 +30,7 @@ def make_paged(flow, pages: int = 64, slots: int = 9, batch_sizes=(1, 2, 4), fra
     page = flow.token_mel_ratio * flow.incremental_unit
     paged = PagedFlow(flow.decoder, torch.device("cpu"), torch.float32, list(batch_sizes), list(frame_sizes),
                       max_later_frames=later, page_frames=page, steps=STEPS)
-    paged.attach(EstimatorMemory(flow.decoder.estimator, STEPS, pages, slots, page, torch.float32,
-                                 torch.device("cpu")))
+    paged.attach(paged.memory_for(flow.decoder.estimator, pages, slots))
     return paged
 
 
@@ -77,7 +75,18 @@ def run_round(flow, paged: PagedFlow, streams: list[Stream]):
     return worst
 
 
-def test_streams_at_different_positions_share_a_call_and_equal_the_rerun(flow):
+@pytest.fixture(scope="module")
+def fused_flow():
+    """The engine's form: q/k/v as one GEMM (keys and values then share a buffer), convolutions as GEMMs."""
+    torch.manual_seed(0)
+    flow = tiny_flow()
+    flow.decoder.estimator.fuse_projections()
+    return flow
+
+
+@pytest.mark.parametrize("form", ["modules", "fused"])
+def test_streams_at_different_positions_share_a_call_and_equal_the_rerun(flow, fused_flow, form):
+    flow = fused_flow if form == "fused" else flow
     paged = make_paged(flow)
     gen = torch.Generator().manual_seed(11)
     # Prompts of 0, 5 and 3 tokens; the hops differ, so each call mixes first, middle and last chunks.

@@ -165,8 +165,7 @@ class Engine:
         memory = None
         while memory is None and pages >= 3:
             try:
-                memory = EstimatorMemory(estimator, paged.steps, pages, 2 * self.max_sessions + 1, paged.page_frames,
-                                         paged.dtype, self.device)
+                memory = paged.memory_for(estimator, pages, 2 * self.max_sessions + 1)
             except torch.cuda.OutOfMemoryError:  # an estimate off by what the allocator holds back: ask for less
                 pages //= 2
         if memory is None:

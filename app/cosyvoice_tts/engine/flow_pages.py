@@ -116,9 +116,17 @@ class PagedFlow:
         self._lock = threading.Lock()
         self.calls = {"graphed": 0, "eager": 0, "fallbacks": 0}
 
+    def memory_for(self, estimator, pages: int, slots: int) -> EstimatorMemory:
+        """A pool of `pages` pages per layer, kind and step, with the window pages this sampler's calls need."""
+        return EstimatorMemory(estimator, self.steps, pages, slots, self.page_frames, self.dtype, self.device,
+                               window_rows=2 * self.batch_sizes[-1],
+                               window_pages=self.max_later_frames // self.page_frames)
+
     def attach(self, memory: EstimatorMemory) -> None:
         if memory.steps != self.steps or memory.page_frames != self.page_frames:
             raise ValueError("the memory's Euler steps and page size must be the sampler's")
+        if memory.window_rows < 2 * self.batch_sizes[-1] or memory.window_pages < self.max_later_frames // self.page_frames:
+            raise ValueError("the memory's window pages must hold the widest call with a past")
         self.memory = memory
         self._free_pages = list(range(memory.pages - 1, 0, -1))  # page 0 is scratch
         self._free_slots = list(range(memory.slots - 1, 0, -1))  # slot 0 is scratch

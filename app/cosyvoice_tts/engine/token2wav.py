@@ -248,7 +248,8 @@ class Token2Wav:
             return self._rerun_from_now_on(state)
         start, end = memory.kept_frames, ratio * encoded
         commit = max(start, ratio * (encoded // unit * unit))
-        if end - start > self.paged.frame_sizes[-1] or not self.paged.grow(memory, (commit - start) // (ratio * unit)):
+        widest = self.paged.max_later_frames if start else self.paged.frame_sizes[-1]
+        if end - start > widest or not self.paged.grow(memory, (commit - start) // (ratio * unit)):
             return self._rerun_from_now_on(state)
         return PagedRow(memory, start, commit, end)
 

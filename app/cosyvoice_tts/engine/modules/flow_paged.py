@@ -26,10 +26,17 @@ from .flow_estimator import CausalConv1d, CausalConditionalDecoder, SelfAttentio
 
 
 class EstimatorMemory:
-    """The preallocated pages and slots (see the module docstring) of one estimator."""
+    """The preallocated pages and slots (see the module docstring) of one estimator.
+
+    All pages live in one tensor, `kv` [pages in all, page_frames, heads * head_dim], so that one gather serves
+    keys and values together: page p of layer l, kind k (0 keys, 1 values) and Euler step s is at index
+    ((l * 2 + k) * steps + s) * pages + p. After those blocks come the window pages: 2 x window_rows x
+    window_pages pages where a call with a past puts its rows' not-yet-final chunks, so that past and window come
+    out of the same gather (no concatenation)."""
 
     def __init__(self, estimator: CausalConditionalDecoder, n_timesteps: int, pages: int, slots: int,
-                 page_frames: int, dtype: torch.dtype, device: torch.device):
+                 page_frames: int, dtype: torch.dtype, device: torch.device, window_rows: int = 0,
+                 window_pages: int = 0):
         if page_frames % estimator.static_chunk_size:
             raise ValueError("pages must hold whole static chunks of the estimator")
         if pages < 2 or slots < 2:
@@ -38,12 +45,16 @@ class EstimatorMemory:
         convs = [m for m in estimator.modules() if isinstance(m, CausalConv1d)]
         self.layer_index = {module: i for i, module in enumerate(layers)}
         self.conv_index = {module: i for i, module in enumerate(convs)}
+        self.layers = len(layers)
         self.heads, self.head_dim = layers[0].heads, layers[0].dim_head
         self.steps, self.pages, self.slots, self.page_frames = n_timesteps, pages, slots, page_frames
+        self.block = n_timesteps * pages  # pages of one layer and kind
+        self.window_rows, self.window_pages = window_rows, window_pages
+        self.window_base = self.layers * 2 * self.block
         self.dtype = dtype
         # Zeros, not empty: scratch pages are masked out, but a NaN in uninitialised memory would survive the mask.
-        self.kv = torch.zeros(len(layers), 2, n_timesteps * pages, page_frames, self.heads * self.head_dim,
-                              dtype=dtype, device=device)
+        self.kv = torch.zeros(self.window_base + 2 * window_rows * window_pages, page_frames,
+                              self.heads * self.head_dim, dtype=dtype, device=device)
         # fp32: most convolutions get fp32 input (norm outputs), so no casts; the half ones round-trip exactly.
         self.history = [torch.zeros(n_timesteps * slots, conv.in_channels, conv.left_context, dtype=torch.float32,
                                     device=device) for conv in convs]
@@ -82,10 +93,27 @@ class PagedWindow:
     def __init__(self, memory: EstimatorMemory, tables: PagedTables, step: torch.Tensor):
         self.memory = memory
         self.tables = tables
-        self.read = (tables.read + step * memory.pages).reshape(-1)
-        self.write = (tables.write + step * memory.pages).reshape(-1)
         self.slots = tables.slots + step * memory.slots
         self._history_frames: dict[int, torch.Tensor] = {}
+        rows, past_pages, window_pages = tables.slots.shape[0], tables.read.shape[1], tables.write.shape[1]
+        device = step.device
+        # Page indices of every layer at once ([layers, 2 kinds, R, pages]): one kernel per step, a view per layer.
+        blocks = (torch.arange(memory.layers * 2, device=device) * memory.block).view(memory.layers, 2, 1, 1)
+        step_pages = step * memory.pages
+        write = tables.write.unsqueeze(0).unsqueeze(0) + step_pages + blocks
+        if past_pages:
+            if window_pages > memory.window_pages or rows > memory.window_rows:
+                raise ValueError("a call with a past is wider than the memory's window pages")
+            # Chunks that do not become final go to the window pages, so that the gather finds them after the past.
+            page = torch.arange(window_pages, device=device)
+            final = page.view(1, -1) < torch.div(tables.advance, memory.page_frames, rounding_mode="floor").view(-1, 1)
+            kinds = torch.arange(2, device=device).view(2, 1, 1)
+            window = memory.window_base + (kinds * memory.window_rows
+                                           + torch.arange(rows, device=device).view(1, -1, 1)) * memory.window_pages
+            write = torch.where(final, write, window + page)
+            read = tables.read.unsqueeze(0).unsqueeze(0) + step_pages + blocks
+            self.read = torch.cat([read, write], dim=3)
+        self.write = write
 
     def attention_bias(self, mask: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
         """[R, T, P*page_frames + T] additive mask: every real past frame, then the window's frames by the
@@ -118,26 +146,31 @@ class PagedWindow:
         return self._history_frames[width]
 
     def attention_keys_values(self, module: torch.nn.Module, k: torch.Tensor, v: torch.Tensor):
-        """New keys/values [R, H, T, d] -> those of the row's past pages followed by them; the whole chunks that
-        become final go to the row's write pages."""
+        """New keys/values [R, H, T, d] -> those of the row's past pages followed by them. The window's chunks
+        that become final go to the row's pages, the others (with a past) to its window pages."""
         memory = self.memory
-        layer = memory.kv[memory.layer_index[module]]
+        layer = memory.layer_index[module]
         rows, heads, frames, dim = k.shape
         page = memory.page_frames
-        written = self.tables.write.shape[1] * page
-        past_pages = self.tables.read.shape[1]
-        out = []
-        for kind, new in enumerate((k, v)):
-            new = new.transpose(1, 2)  # [R, T, H, d]
-            if written:
-                # Indexed by [R, W] pages, from a view of the new frames: no copy before the scatter.
-                pages = new[:, :written].reshape(rows, written // page, page, heads * dim)
-                layer[kind].index_put_((self.write.view(rows, -1),), pages)
-            if past_pages:
-                past = layer[kind].index_select(0, self.read).view(rows, past_pages * page, heads, dim)
-                new = torch.cat([past, new], dim=1)
-            out.append(new.transpose(1, 2))
-        return out[0], out[1]
+        joint = _keys_and_values(k.transpose(1, 2), v.transpose(1, 2))  # [R, T, 2, H * d]
+        # [2, R, W, page, H * d], a view of the new frames: no copy before the scatter.
+        pages = joint.view(rows, frames // page, page, 2, heads * dim).permute(3, 0, 1, 2, 4)
+        memory.kv.index_put_((self.write[layer],), pages)
+        if not self.tables.read.shape[1]:
+            return k, v
+        both = memory.kv.index_select(0, self.read[layer].reshape(-1)).view(2, rows, -1, heads, dim)
+        return both[0].transpose(1, 2), both[1].transpose(1, 2)
+
+
+def _keys_and_values(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """k, v [R, T, H, d] -> [R, T, 2, H * d]. The fused q/k/v projection leaves v right after k in one
+    buffer: then this is a view of it, else a stacked copy."""
+    rows, frames, heads, dim = k.shape
+    width = heads * dim
+    if (v.data_ptr() == k.data_ptr() + width * k.element_size() and k.stride() == v.stride()
+            and k.stride(3) == 1 and k.stride(2) == dim):
+        return k.as_strided((rows, frames, 2, width), (k.stride(0), k.stride(1), width, 1))
+    return torch.stack([k.reshape(rows, frames, width), v.reshape(rows, frames, width)], dim=2)
 
 
 def paged_euler_step(cfm, x, mu, mask, spks, cond, t_all, dt_all, step, memory: EstimatorMemory,
