@@ -114,8 +114,10 @@ class VllmEngine(Engine):
         body = model.llm.llm.model.model
         body.layers = nn.ModuleList()
         # CUDA graphs stay on for the flow; the native LM decode step is never run, so it is never captured.
+        # No flow memory pool (every chunk re-runs its prefix): vLLM budgets the card's memory for itself at its
+        # start, and a pool taken beside it is not part of that budget yet.
         super().__init__(model, frontend, device, dtype, max_sessions, max_context=1, use_cuda_graphs=use_cuda_graphs,
-                         scheduler_config=scheduler_config)
+                         scheduler_config=scheduler_config, flow_memory_gib=0)
         self.runner.use_cuda_graphs = False
         self.max_context = max_context
         self.export = export
