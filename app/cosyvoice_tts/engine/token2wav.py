@@ -244,8 +244,9 @@ class Token2Wav:
             memory = state.flow_memory = self.paged.open_stream()
             if memory is None:
                 return self._rerun_from_now_on(state)
-        if memory.released:  # its request ended while the chunk waited; it still gets computed, alone
-            return self._rerun_from_now_on(state)
+        if memory.released:  # its request ended while the chunk waited: the re-run computes it, for nobody
+            state.flow_memory = FULL_RERUN
+            return None
         start, end = memory.kept_frames, ratio * encoded
         commit = max(start, ratio * (encoded // unit * unit))
         widest = self.paged.max_later_frames if start else self.paged.frame_sizes[-1]
