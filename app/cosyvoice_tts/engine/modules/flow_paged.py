@@ -7,10 +7,11 @@ streams whose pasts differ in length:
     page per stream, guidance branch and committed chunk;
   - each causal convolution's last kernel_size-1 input frames before the stream's boundary, per Euler step, in one
     slot per stream and guidance branch.
-A call has 2B rows (B conditioned, then the same B unconditioned, as the guided sampler stacks them). Row r reads
-the pages of its row of `read`, writes the keys/values of its new whole chunks to the pages of its row of `write`,
-and keeps its convolution history in `slots[r]`. Page 0 and slot 0 are scratch: padding points there, and what is
-read from them is masked out.
+A call has 2B rows (B conditioned, then the same B unconditioned, as the guided sampler stacks them). Row r writes
+its window's keys/values in pages: the chunks that become final to the pages of its row of `write`, the others (in
+a call with a past) to window pages; then one gather per layer reads its past pages (its row of `read`) and its
+window pages together. It keeps its convolution history in `slots[r]`. Page 0 (of each layer, kind and step) and
+slot 0 are scratch: padding points there, and what is read from them is masked out.
 
 Exactness: the same argument as flow_stream.py. A stream's frames before its boundary are final, so the keys and
 values read here are the ones a re-run of the whole prefix would compute, and the new frames attend exactly to what
