@@ -144,16 +144,16 @@ class Engine:
     def _attach_flow_memory(self) -> None:
         """Allocate the incremental flow's pool, once every other CUDA graph is captured: `flow_memory_gib` if
         given; on a GPU with a memory fraction, what the fraction leaves less a reserve for the flow's own graphs
-        and serving; without one, 4 GiB; on the CPU, 4 pages per stream. Never more than every session's longest
-        graphed stream needs. Too little memory: the incremental flow is off (every chunk re-runs its prefix)."""
+        and serving; without one, 4 GiB; on the CPU, 4 pages per stream within 1 GiB. Never more than every
+        session's longest graphed stream needs. Too little memory: the incremental flow is off (every chunk re-runs its prefix)."""
         paged = self.paged_flow
         estimator = self.flow.decoder.estimator
         page_bytes = EstimatorMemory.page_bytes(estimator, paged.steps, paged.page_frames, paged.dtype)
         cap = 2 * self.max_sessions * max(1, paged.frame_sizes[-1] // paged.page_frames) + 1
         if self.flow_memory_gib is not None:
             pages = int(self.flow_memory_gib * 2**30) // page_bytes
-        elif self.device.type != "cuda":
-            pages = 2 * self.max_sessions * 4 + 1
+        elif self.device.type != "cuda":  # tests and demos: room for a few seconds per stream, within 1 GiB
+            pages = min(2 * self.max_sessions * 4 + 1, 2**30 // page_bytes)
         elif self.gpu_memory_fraction is None:
             pages = 4 * 2**30 // page_bytes
         else:
