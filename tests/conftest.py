@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random model directory built once per session, and the reference interpreter."""
+"""Shared fixtures: a tiny random model directory built once per session, the reference interpreter, and torch on
+one thread for modules of tiny models."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The models are tiny: extra threads only fight over the shared CPU. Modules use it as
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ from cosyvoice_tts.engine.flow_graphs import GraphedEncoder, _CapturedEncoder
 from cosyvoice_tts.engine.modules.flow_cfm import reference_noise
 from cosyvoice_tts.engine.modules.flow_masks import attention_mask
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 50
 ENCODER_CHUNK = 4  # tokens; the estimator's chunk below is the same span in mel frames
 # Two computations of the same mel that differ only in operation order (batching, caching) agree to ~2e-5
@@ -101,15 +103,6 @@ def pad_batch(reqs: list[dict]) -> dict:
         "prompt_feat": feats, "prompt_feat_len": torch.tensor([r["prompt_feat"].shape[1] for r in reqs]),
         "embedding": torch.cat([r["embedding"] for r in reqs]),
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: extra threads only fight over the shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

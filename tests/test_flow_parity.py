@@ -25,6 +25,8 @@ from cosyvoice_tts.engine.modules.flow import (
 
 pytestmark = pytest.mark.reference
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SCRIPT = Path(__file__).parent / "reference" / "flow_reference.py"
 # fp32 rounding alone moves these mels (|mel| ~ 5) by up to ~1e-4 (ours in fp32 against ours in fp64); ours
 # and upstream agree to a few 1e-5. A swapped relative distance or a zeroed pos_bias_v moves them >= 8e-3.
@@ -169,14 +171,6 @@ def parity(tmp_path_factory):
     run = subprocess.run([os.environ["REF_PYTHON"], str(SCRIPT), str(workdir)], capture_output=True, text=True)
     assert run.returncode == 0, f"upstream reference failed (strict load of ours included):\n{run.stderr[-3000:]}"
     return {"ours": ours, "cases": cases, "outputs": torch.load(workdir / "outputs.pt")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_state_dict_keys_and_shapes_equal_upstreams(parity):
