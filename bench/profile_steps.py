@@ -57,21 +57,18 @@ def paged_against_rerun(flow, sampler, device: torch.device, repeats: int) -> No
     """The incremental (paged) sampler's 10 Euler steps for (batch, new frames, past pages) against the re-run
     sampler over the whole prefix that the same chunk would otherwise cost, both graphed; then the kernels of
     one Euler step of each."""
-    from cosyvoice_tts.engine.flow_pages import PagedFlow, _StepRunner
+    from cosyvoice_tts.engine.flow_pages import PagedFlow, StepRunner
 
     estimator = flow.decoder.estimator
     paged = PagedFlow(flow.decoder, device, torch.float16, [1, 16, 32], [50, 100, 200, 300], 300, page_frames=50)
     paged.attach(paged.memory_for(estimator, 64, 65))
 
     def paged_call(batch: int, frames: int, past: int):
-        runner = _StepRunner(paged, batch, frames, past)
+        runner = StepRunner(paged, batch, frames, past)
 
         def run():
             with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
-                runner.buffers["step"].zero_()
-                for _ in range(paged.steps):
-                    runner._step()
-            return runner.buffers["x"]
+                return runner.sample()
         return run
 
     cases = (((1, 100, 0), (1, 100)), ((32, 50, 3), (32, 200)), ((16, 200, 8), (16, 500)), ((16, 100, 16), (16, 900)))

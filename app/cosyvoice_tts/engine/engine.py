@@ -100,9 +100,8 @@ class Engine:
                                                  [f // ratio for f in self.flow_graphs.frame_sizes], flow_dtype,
                                                  input_dtype=self.flow.input_embedding.weight.dtype)
             self.flow.encoder = self.encoder_graphs
-        self.flow_memory_gib = flow_memory_gib
-        self.paged_from_frames = paged_from_frames
-        self.paged_flow = self._paged_flow(flow_dtype, max_graph_frames)
+        self.flow_memory_gib = flow_memory_gib  # the pool is sized at start, after the graphs
+        self.paged_flow = self._paged_flow(flow_dtype, max_graph_frames, paged_from_frames)
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype, self.paged_flow,
                                    paged_from_frames)
         self.scheduler = Scheduler(scheduler_config)
@@ -124,7 +123,7 @@ class Engine:
                          "decode_forward_s": 0.0, "sample_s": 0.0, "loop_s": 0.0,
                          "vocoder_batches": 0, "vocoder_items": 0}
 
-    def _paged_flow(self, flow_dtype: torch.dtype, max_graph_frames: int) -> PagedFlow | None:
+    def _paged_flow(self, flow_dtype: torch.dtype, max_graph_frames: int, paged_from_frames: int) -> PagedFlow | None:
         """The batched incremental flow sampler (its memory comes at start, see `_attach_flow_memory`); None where
         the flow cannot run incrementally or no memory is given to it: every chunk then re-runs its prefix."""
         if not self.flow.supports_incremental() or self.flow_memory_gib == 0:
@@ -137,7 +136,7 @@ class Engine:
         cfm = self.flow_graphs.inner if self.flow_graphs is not None else self.flow.decoder
         # A stream's first paged call comes once its prefix passes paged_from_frames, so its later calls have
         # at least the pages before that boundary (less the partial chunk left open).
-        min_past = max(1, self.paged_from_frames // page - 1)
+        min_past = max(1, paged_from_frames // page - 1)
         return PagedFlow(cfm, self.device, flow_dtype, batch_ladder(self.max_sessions), frame_sizes,
                          max_later_frames=-(-later // page) * page, page_frames=page, min_past_pages=min_past)
 
@@ -145,7 +144,8 @@ class Engine:
         """Allocate the incremental flow's pool, once every other CUDA graph is captured: `flow_memory_gib` if
         given; on a GPU with a memory fraction, what the fraction leaves less a reserve for the flow's own graphs
         and serving; without one, 4 GiB; on the CPU, 4 pages per stream within 1 GiB. Never more than every
-        session's longest graphed stream needs. Too little memory: the incremental flow is off (every chunk re-runs its prefix)."""
+        session's longest graphed stream needs. Too little memory: the incremental flow is off (every chunk re-runs
+        its prefix)."""
         paged = self.paged_flow
         estimator = self.flow.decoder.estimator
         page_bytes = EstimatorMemory.page_bytes(estimator, paged.steps, paged.page_frames, paged.dtype)
@@ -239,7 +239,6 @@ class Engine:
             log.info("captured %d flow sampler CUDA graphs in %.1f s", len(shapes), time.monotonic() - started)
             ratio = self.stream_config.token_mel_ratio
             self.encoder_graphs.capture_all([(b, f // ratio) for b, f in shapes], int(self.flow.input_size))
-
         if self.hift_graphs is not None:
             self.hift_graphs.capture_all()
         if self.paged_flow is not None:

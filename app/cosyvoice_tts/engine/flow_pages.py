@@ -55,7 +55,7 @@ def _smallest_at_least(sizes, value: int) -> int | None:
     return min(fitting) if fitting else None
 
 
-class _StepRunner:
+class StepRunner:
     """One Euler step of a (batch, frames, past pages) bucket over static buffers: a CUDA graph once `capture`d,
     else run eagerly (the CPU, and shapes with no graph), the same code either way."""
 
@@ -75,16 +75,19 @@ class _StepRunner:
         b["step"].add_(1)
 
     def run(self, inputs: dict) -> torch.Tensor:
-        b = self.buffers
         for name in ("x", "mu", "mask", "cond", "spks", "table_data"):
-            b[name].copy_(inputs[name])
-        b["step"].zero_()
+            self.buffers[name].copy_(inputs[name])
+        return self.sample()
+
+    def sample(self) -> torch.Tensor:
+        """Every Euler step on what the buffers hold; returns the buffer holding the result."""
+        self.buffers["step"].zero_()
         for _ in range(self.owner.steps):
             if self.graph is not None:
                 self.graph.replay()
             else:
                 self._step()
-        return b["x"]
+        return self.buffers["x"]
 
 
 class PagedFlow:
@@ -105,7 +108,7 @@ class PagedFlow:
         self.frame_sizes = sorted(f for f in frame_sizes if f % page_frames == 0)
         self.max_later_frames = max_later_frames
         self.past_sizes = [0, min_past_pages] + [p for p in PAST_PAGE_BUCKETS if p > min_past_pages]
-        self.graphs: dict[tuple[int, int, int], _StepRunner] = {}
+        self.graphs: dict[tuple[int, int, int], StepRunner] = {}
         self._pool = None
         times = euler_times(cfm.time_grid(steps, device, dtype))
         self.t_all = torch.cat([t.reshape(1) for t, _ in times])
@@ -125,7 +128,8 @@ class PagedFlow:
     def attach(self, memory: EstimatorMemory) -> None:
         if memory.steps != self.steps or memory.page_frames != self.page_frames:
             raise ValueError("the memory's Euler steps and page size must be the sampler's")
-        if memory.window_rows < 2 * self.batch_sizes[-1] or memory.window_pages < self.max_later_frames // self.page_frames:
+        if (memory.window_rows < 2 * self.batch_sizes[-1]
+                or memory.window_pages < self.max_later_frames // self.page_frames):
             raise ValueError("the memory's window pages must hold the widest call with a past")
         self.memory = memory
         self._free_pages = list(range(memory.pages - 1, 0, -1))  # page 0 is scratch
@@ -204,7 +208,7 @@ class PagedFlow:
             for shape in sorted(shapes, key=lambda s: -s[0] * (s[1] + s[2] * self.page_frames)):
                 if shape in self.graphs:
                     continue
-                runner = _StepRunner(self, *shape)
+                runner = StepRunner(self, *shape)
                 try:
                     runner.capture(self._pool)
                 except torch.cuda.OutOfMemoryError:  # that shape runs eagerly; smaller ones may still fit
@@ -271,7 +275,7 @@ class PagedFlow:
         inputs = self._inputs(prepared, indices, rows, batch, frames, past)
         runner = self.graphs.get(shape)
         self.calls["graphed" if runner is not None else "eager"] += 1
-        x = (runner or _StepRunner(self, batch, frames, past)).run(inputs).float()
+        x = (runner or StepRunner(self, batch, frames, past)).run(inputs).float()
         return [x[b, :, : row.end - row.start] for b, row in enumerate(rows)]
 
     def _inputs(self, prepared: FlowBatch, indices: list[int], rows: list[PagedRow], batch: int, frames: int,

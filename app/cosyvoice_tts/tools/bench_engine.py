@@ -15,6 +15,7 @@ import json
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -187,6 +188,19 @@ def check_prefill_graphs(engine: Engine) -> float:
     return round(float((graphed - eager).abs().max()), 6)
 
 
+@contextmanager
+def flow_setting(engine: Engine, paged, from_frames: int):
+    """The vocoder's flow for the duration: `paged` (the engine's PagedFlow, or None: every chunk re-runs its
+    prefix) from prefixes longer than `from_frames`; the engine's own setting again afterwards."""
+    token2wav = engine.token2wav
+    saved = token2wav.paged, token2wav.paged_from_frames
+    token2wav.paged, token2wav.paged_from_frames = paged, from_frames
+    try:
+        yield
+    finally:
+        token2wav.paged, token2wav.paged_from_frames = saved
+
+
 def check_paged_flow(engine: Engine, text: str = "", voice: str = "") -> float:
     """One streaming request with the incremental (paged) flow against the same request re-running each prefix
     (upstream's flow): max abs diff of the audio. Both use this engine's graphs."""
@@ -196,17 +210,10 @@ def check_paged_flow(engine: Engine, text: str = "", voice: str = "") -> float:
     def synthesize():
         return engine.submit(SynthesisParams(voice=voice, seed=11, stream=True), text=text).audio()
 
-    token2wav = engine.token2wav
-    from_frames, token2wav.paged_from_frames = token2wav.paged_from_frames, 0  # paged from the second chunk
-    try:
+    with flow_setting(engine, engine.paged_flow, 0):  # paged from the second chunk
         paged_audio = synthesize()
-    finally:
-        token2wav.paged_from_frames = from_frames
-    paged, token2wav.paged = token2wav.paged, None
-    try:
+    with flow_setting(engine, None, engine.token2wav.paged_from_frames):
         rerun_audio = synthesize()
-    finally:
-        token2wav.paged = paged
     if paged_audio.shape != rerun_audio.shape:
         raise AssertionError(f"audio lengths differ: {paged_audio.shape} vs {rerun_audio.shape}")
     return round(float(abs(paged_audio - rerun_audio).max()), 7)
@@ -257,13 +264,13 @@ class _Timed:
 
 
 @torch.inference_mode()
-def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int, bool]], repeats: int = 5) -> list[dict]:
+def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int, bool]],
+                        repeats: int = 5) -> list[dict]:
     """ms per vocoder batch and per stage (flow encoder, CFM sampler, HiFT) for (batch, speech tokens, last)
     shapes, run through `Token2Wav.run_batch`: each item the first chunk of a fresh stream of that many tokens, or
     with `last` the final chunk of such a stream after its earlier chunks (untimed). With the incremental flow,
     every shape is timed twice: with it from each stream's second chunk on ("paged"), and with each prefix re-run
     ("rerun")."""
-    from ..engine.token2wav import StreamState
     from ..engine.voices import voice_prompt
 
     prompt = voice_prompt("sft", engine._voice(voice), engine._tokenize, None)
@@ -277,56 +284,63 @@ def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int,
         patched += ((engine.paged_flow, "sample", "sampler"),)
     for module, method, name in patched:
         setattr(module, method, _Timed(getattr(module, method), name, totals, engine.device))
-    modes = ["paged", "rerun"] if engine.paged_flow is not None else ["rerun"]
-    paged, from_frames = token2wav.paged, token2wav.paged_from_frames
+    # "paged": from each stream's second chunk on.
+    modes = {"paged": (engine.paged_flow, 0), "rerun": (None, token2wav.paged_from_frames)}
+    if engine.paged_flow is None:
+        del modes["paged"]
     rows = []
     try:
-        for mode in modes:
-            token2wav.paged = paged if mode == "paged" else None
-            token2wav.paged_from_frames = 0 if mode == "paged" else from_frames  # "paged": from the 2nd chunk on
-            for batch, tokens, last in shapes:
-                generator = torch.Generator().manual_seed(batch * 7919 + tokens)
-                for attempt in range(repeats + 1):
-                    if attempt == 1:
-                        totals.clear()  # the first run of a shape is a warm-up
-                    states = []
-                    for _ in range(batch):
-                        state = StreamState(prompt.flow_prompt_speech, prompt.prompt_feat, prompt.embedding,
-                                            stream=True, speed=1.0, cfg=engine.stream_config)
-                        state.tokens = torch.randint(0, 6561, (tokens,), generator=generator).tolist()
-                        if last:
-                            state.lm_done = True
-                        else:
-                            state.hop = tokens - engine.stream_config.pre_lookahead_len
-                        states.append(state)
-
-                    def items():
-                        return [(s, s.next_chunk(), torch.Generator(engine.device).manual_seed(attempt))
-                                for s in states]
-
-                    batch_items = items()
-                    saved = dict(totals)
-                    while last and not batch_items[0][1].finalize:  # the earlier chunks, untimed
-                        token2wav.run_batch(batch_items)
-                        batch_items = items()
-                    totals.clear()
-                    totals.update(saved)
-                    _sync(engine.device)
-                    started = time.perf_counter()
-                    token2wav.run_batch(batch_items)
-                    _sync(engine.device)
-                    if attempt:
-                        totals["total"] = totals.get("total", 0.0) + (time.perf_counter() - started) * 1000
-                    for state in states:
-                        token2wav.forget(state)  # the streams end here: their flow memory goes back
-                rows.append({"flow": mode, "batch": batch, "tokens": tokens, "chunk": "last" if last else "first",
-                             **{k: round(v / repeats, 1) for k, v in totals.items()}})
-                print(json.dumps({"vocoder_stage_ms": rows[-1]}), flush=True)
+        for mode, setting in modes.items():
+            with flow_setting(engine, *setting):
+                for batch, tokens, last in shapes:
+                    rows.append({"flow": mode, "batch": batch, "tokens": tokens, "chunk": "last" if last else "first",
+                                 **_stage_ms(engine, prompt, totals, batch, tokens, last, repeats)})
+                    print(json.dumps({"vocoder_stage_ms": rows[-1]}), flush=True)
     finally:
-        token2wav.paged, token2wav.paged_from_frames = paged, from_frames
         for module, method, _ in patched:
             delattr(module, method)
     return rows
+
+
+def _stage_ms(engine: Engine, prompt, totals: dict, batch: int, tokens: int, last: bool, repeats: int) -> dict:
+    """One shape of `vocoder_stage_times`: a warm-up, then `repeats` timed batches; ms per batch by stage."""
+    from ..engine.token2wav import StreamState
+
+    token2wav = engine.token2wav
+    generator = torch.Generator().manual_seed(batch * 7919 + tokens)
+    for attempt in range(repeats + 1):
+        if attempt == 1:
+            totals.clear()  # the first run of a shape is a warm-up
+        states = []
+        for _ in range(batch):
+            state = StreamState(prompt.flow_prompt_speech, prompt.prompt_feat, prompt.embedding, stream=True,
+                                speed=1.0, cfg=engine.stream_config)
+            state.tokens = torch.randint(0, 6561, (tokens,), generator=generator).tolist()
+            if last:
+                state.lm_done = True
+            else:
+                state.hop = tokens - engine.stream_config.pre_lookahead_len
+            states.append(state)
+
+        def items():
+            return [(s, s.next_chunk(), torch.Generator(engine.device).manual_seed(attempt)) for s in states]
+
+        batch_items = items()
+        saved = dict(totals)
+        while last and not batch_items[0][1].finalize:  # the earlier chunks, untimed
+            token2wav.run_batch(batch_items)
+            batch_items = items()
+        totals.clear()
+        totals.update(saved)
+        _sync(engine.device)
+        started = time.perf_counter()
+        token2wav.run_batch(batch_items)
+        _sync(engine.device)
+        if attempt:
+            totals["total"] = totals.get("total", 0.0) + (time.perf_counter() - started) * 1000
+        for state in states:
+            token2wav.forget(state)  # the streams end here: their flow memory goes back
+    return {k: round(v / repeats, 1) for k, v in totals.items()}
 
 
 def parse_stage_shapes(text: str) -> list[tuple[int, int, bool]]:
@@ -365,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="after the levels, these concurrencies again with every chunk re-running its prefix "
                              "(upstream's flow), same engine, for side-by-side ratios")
     parser.add_argument("--stage-times", default="",
-                        help="vocoder stage timing before the levels, e.g. 1x28,16x28,16x253L (batch x tokens; L: the last "
-                             "chunk of a stream that long, after its earlier chunks)")
+                        help="vocoder stage timing before the levels, e.g. 1x28,16x28,16x253L (batch x tokens; "
+                             "L: the last chunk of a stream that long, after its earlier chunks)")
     args = parser.parse_args(argv)
 
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -390,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
               "graph_capture_s": round(capture_s, 1), "text": args.text, "levels": []}
     if engine.paged_flow is not None:
         report["flow_memory_pages"] = engine.paged_flow.memory.pages - 1
-        report["flow_memory_gib"] = round(engine.paged_flow.memory.kv.numel() * engine.paged_flow.memory.kv.element_size()
-                                          / 2**30, 2)
+        report["flow_memory_gib"] = round(engine.paged_flow.memory.kv.nbytes / 2**30, 2)
         report["paged_flow_graphs"] = len(engine.paged_flow.graphs)
     checks = (("flow_graph", engine.flow_graphs is not None, check_flow_graphs),
               ("flow_encoder_graph", engine.encoder_graphs is not None and engine.encoder_graphs.graphs,
@@ -418,21 +431,20 @@ def main(argv: list[str] | None = None) -> int:
             "flow_paged_graphed_calls", "flow_paged_eager_calls", "flow_paged_fallbacks", "encoder_graphed_calls",
             "encoder_eager_calls", "hift_graphed_calls", "hift_eager_calls")
     rerun_levels = [int(x) for x in args.rerun_levels.split(",") if x] if engine.paged_flow is not None else []
-    paged = engine.token2wav.paged
+    paged = engine.paged_flow
     for users, flow_mode in [(u, "paged" if paged is not None else "rerun") for u in levels] + \
             [(u, "rerun") for u in rerun_levels]:
         # The same engine with every chunk re-running its prefix (upstream's flow), for side-by-side ratios.
-        engine.token2wav.paged = paged if flow_mode == "paged" else None
-        before = engine.stats()
-        summary = run_level(engine, users, args.duration, args.text, args.voice)
-        after = engine.stats()
+        with flow_setting(engine, paged if flow_mode == "paged" else None, engine.token2wav.paged_from_frames):
+            before = engine.stats()
+            summary = run_level(engine, users, args.duration, args.text, args.voice)
+            after = engine.stats()
         summary["flow"] = flow_mode
         summary["engine"] = {k: round(after[k] - before[k], 3) for k in keys if k in after}
         if "flow_memory_pages_free" in after:
             summary["engine"]["flow_memory_pages_free_after"] = after["flow_memory_pages_free"]
         report["levels"].append(summary)
         print(json.dumps(summary), flush=True)
-    engine.token2wav.paged = paged
     engine.shutdown()
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

@@ -182,8 +182,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
                                       embedding, streaming, finalize)
         mel, _ = self.decoder(mu=prepared.mu, mask=prepared.mask, spks=prepared.speaker, cond=prepared.cond,
                               n_timesteps=n_timesteps, streaming=prepared.streaming)
-        prompt_feat_len, mel_len = prepared.prompt_feat_len, prepared.mel_len
-        starts, ends = prompt_feat_len.tolist(), mel_len.tolist()
+        starts, ends = prepared.prompt_feat_len.tolist(), prepared.mel_len.tolist()
         mel = mel.float()
         return [mel[b, :, starts[b]:ends[b]] for b in range(token.shape[0])]
 

@@ -328,8 +328,7 @@ class CausalConditionalDecoder(nn.Module):
                 masks[frames] = window.attention_bias(mask, self.static_chunk_size, dtype)
             else:
                 visible = attention_mask(mask[:, 0].bool(), streaming, self.static_chunk_size)
-                masks[frames] = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
-                    ~visible, float("-inf"))
+                masks[frames] = pointwise.additive_mask(visible, dtype)
         return masks[frames]
 
     @staticmethod

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .flow_estimator import CausalConv1d, CausalConditionalDecoder, SelfAttention
+from . import pointwise
 
 
 class EstimatorMemory:
@@ -127,8 +128,7 @@ class PagedWindow:
         chunk_end = (torch.div(positions, chunk, rounding_mode="floor") + 1) * chunk
         new_visible = (positions.unsqueeze(0) < chunk_end.unsqueeze(1)).unsqueeze(0) \
             & (positions.view(1, 1, -1) < tables.length.view(-1, 1, 1))
-        visible = torch.cat([past_visible.expand(-1, frames, -1), new_visible], dim=2)
-        return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
+        return pointwise.additive_mask(torch.cat([past_visible.expand(-1, frames, -1), new_visible], dim=2), dtype)
 
     def conv_input(self, module: torch.nn.Module, x: torch.Tensor, width: int) -> torch.Tensor:
         """x [R, C, T] with each row's `width` history frames in front; keeps those before its new boundary."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .flow_masks import attention_mask
+from . import pointwise
 
 
 def join_history(previous: torch.Tensor | None, new: torch.Tensor, width: int, dim: int, start: int) -> torch.Tensor:
@@ -59,8 +60,7 @@ class FrameWindow:
         batch, frames = mask.shape[0], mask.shape[2]
         keys = torch.ones(batch, self.start + frames, dtype=torch.bool, device=mask.device)
         streaming = torch.ones(batch, dtype=torch.bool, device=mask.device)
-        visible = attention_mask(keys, streaming, chunk, query_start=self.start)
-        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+        return pointwise.additive_mask(attention_mask(keys, streaming, chunk, query_start=self.start), dtype)
 
     def attention_keys_values(self, module: nn.Module, k: torch.Tensor, v: torch.Tensor):
         """New keys/values [B, H, T, d] -> those of all frames so far; caches the final ones."""

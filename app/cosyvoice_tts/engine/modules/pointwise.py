@@ -83,6 +83,13 @@ def masked_frames(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> to
     return (x * mask).transpose(1, 2).to(dtype)
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask (True: may attend) as 0 / -inf in `dtype`, the form attention adds to its scores as
+    it is: converted once per forward instead of in every layer (two kernels each). Not swapped for a compiled
+    version: it runs once per call."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear on x computes in: autocast's where it is on, else x's own."""
     kind = x.device.type

@@ -96,7 +96,7 @@ class AttentionInputs:
         keys = torch.arange(key_len, device=positions.device)
         mask = keys.view(1, 1, 1, key_len) <= positions.view(positions.shape[0], 1, positions.shape[1], 1)
         if dtype is not None:
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+            mask = pointwise.additive_mask(mask, dtype)
         return cls(slots, positions, key_len, mask)
 
 
