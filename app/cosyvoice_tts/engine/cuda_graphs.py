@@ -24,17 +24,21 @@ def buckets_within(batch_sizes: list[int], lengths: list[int], frame_rows: int) 
 
 def capture_graph(fn: Callable[[], T], device: torch.device, pool, warmups: int = 1,
                   error_mode: str = "thread_local") -> tuple[torch.cuda.CUDAGraph, T]:
-    """Run `fn` `warmups` times on a side stream (lazy initialisation must not happen during capture, and
-    capture requires a non-default stream), then capture one call into a graph drawing on `pool`.
-    Returns the graph and the outputs of the captured call: tensors the graph rewrites on every replay.
-    error_mode "thread_local" lets other threads keep launching work on their own streams meanwhile."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+    """Run `fn` `warmups` times (lazy initialisation must not happen during capture), then capture one call into
+    a graph drawing on `pool`. Returns the graph and the outputs of the captured call: tensors the graph rewrites
+    on every replay. error_mode "thread_local" lets other threads keep launching work on their own streams.
+
+    Both happen on the current stream unless it is the default one, where capture is impossible (then on a side
+    stream): a graph captured on a stream of an SM partition (sm_partition.py) runs on that partition's SMs
+    wherever it is replayed."""
+    current = torch.cuda.current_stream(device)
+    stream = current if current != torch.cuda.default_stream(device) else torch.cuda.Stream(device)
+    stream.wait_stream(current)
     with torch.cuda.stream(stream):
         for _ in range(warmups):
             fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    current.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=error_mode):
         outputs = fn()
     return graph, outputs

@@ -6,6 +6,7 @@ messages with their requests, so a slow client never stalls the GPU and no reque
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ from .modules.flow_paged import EstimatorMemory
 from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, make_generator
 from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, pick_vocoder_batch
+from .sm_partition import SmPartition, split_streams
 from .token2wav import StreamConfig, StreamState, Token2Wav
 from .vocoder_worker import VocoderWorker
 from .voices import voice_prompt
@@ -38,9 +40,10 @@ log = logging.getLogger(__name__)
 # GPU memory kept for the incremental flow's own graphs and for serving when its pool is sized from the memory
 # fraction (after every other graph is captured)
 FLOW_RESERVE_BYTES = 8 * 2**30
-# A stream re-runs its flow prefix until it is longer than this (mel frames, prompt included: 10 s), then keeps
-# the estimator's memory (flow_pages.py): the crossing point measured on an H100 (docs/performance.md, run p5).
-PAGED_FROM_FRAMES = 500
+# A stream re-runs its flow prefix until it is longer than this (mel frames, prompt included: 6 s), then keeps
+# the estimator's memory (flow_pages.py). On an H100 (docs/performance.md, run p6) a paged call after a 200-frame
+# prefix costs half the re-run; a stream pays one paged call from frame 0 (1.3x a re-run) when it switches.
+PAGED_FROM_FRAMES = 300
 URGENT_AHEAD_S = 1.0  # a playing stream with less audio than this buffered keeps its LM steps, whatever else runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,7 +53,7 @@ class Engine:
                  max_context: int, use_cuda_graphs: bool = True, scheduler_config: SchedulerConfig | None = None,
                  max_graph_frames: int = 1000, gpu_memory_fraction: float | None = None,
                  compile_kernels: bool = True, flow_memory_gib: float | None = None,
-                 paged_from_frames: int = PAGED_FROM_FRAMES):
+                 paged_from_frames: int = PAGED_FROM_FRAMES, lm_sms: int | None = None):
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -118,6 +121,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.vocoder: VocoderWorker | None = None
         self._first_chunk_in_flight = False
+        self.lm_sms = lm_sms  # split at start (sm_partition.py); None or 0: both on the whole GPU
+        self.partition: SmPartition | None = None
         self._stopping = False
         self.counters = {"steps": 0, "decode_rows": 0, "chunks": 0, "extend_s": 0.0, "decode_s": 0.0,
                          "decode_forward_s": 0.0, "sample_s": 0.0, "loop_s": 0.0,
@@ -182,12 +187,14 @@ class Engine:
              max_context: int = 4096, use_cuda_graphs: bool = True,
              scheduler_config: SchedulerConfig | None = None, backend: str = "native",
              gpu_memory_fraction: float | None = 0.9, compile_kernels: bool = True,
-             flow_memory_gib: float | None = None, paged_from_frames: int = PAGED_FROM_FRAMES) -> "Engine":
+             flow_memory_gib: float | None = None, paged_from_frames: int = PAGED_FROM_FRAMES,
+             lm_sms: int | None = None) -> "Engine":
         """gpu_memory_fraction: the share of the card this worker may allocate (native backend; vLLM sizes its
         own memory); None: no cap. compile_kernels: fused elementwise kernels on a GPU (modules/pointwise.py).
         flow_memory_gib: the incremental flow's memory pool (0: every chunk re-runs its prefix); None: sized from
         the memory fraction (see `_attach_flow_memory`). paged_from_frames: how long (mel frames, prompt included)
-        a stream's prefix gets before the flow keeps its memory instead of re-running it."""
+        a stream's prefix gets before the flow keeps its memory instead of re-running it. lm_sms: SMs kept for the
+        LM alone, the vocoder getting the rest (sm_partition.py); None or 0: both share the whole GPU."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -208,13 +215,15 @@ class Engine:
         frontend = Frontend(model_dir, torch_device)
         engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs,
                      scheduler_config, gpu_memory_fraction=gpu_memory_fraction, compile_kernels=compile_kernels,
-                     flow_memory_gib=flow_memory_gib, paged_from_frames=paged_from_frames)
+                     flow_memory_gib=flow_memory_gib, paged_from_frames=paged_from_frames, lm_sms=lm_sms)
         log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
         return engine
 
     def start(self) -> None:
         if self._thread is not None:
             return
+        if self.lm_sms and self.device.type == "cuda":
+            self.partition = split_streams(self.device, self.lm_sms)
         try:
             self._capture_graphs()
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError, or a capture that failed for lack of memory
@@ -224,12 +233,24 @@ class Engine:
                 f"out of GPU memory while capturing CUDA graphs for {self.max_sessions} sessions (memory fraction "
                 f"{self.gpu_memory_fraction}): lower --max-sessions or --max-context, or raise "
                 f"--gpu-memory-fraction") from exc
-        self.vocoder = VocoderWorker(self.token2wav, self.device, self._wake.set)
+        self.vocoder = VocoderWorker(self.token2wav, self.device, self._wake.set,
+                                     self.partition.vocoder if self.partition else None)
         self._thread = threading.Thread(target=self._loop, name="cosyvoice-engine", daemon=True)
         self._thread.start()
 
     def _capture_graphs(self) -> None:
-        self.runner.capture(self.max_sessions)
+        # Each stage's graphs are captured on the stream it will run on: with an SM partition, that is what
+        # binds a graph to its SMs.
+        with self._on_stream(self.partition.lm if self.partition else None):
+            self.runner.capture(self.max_sessions)
+        with self._on_stream(self.partition.vocoder if self.partition else None):
+            self._capture_vocoder_graphs()
+
+    @staticmethod
+    def _on_stream(stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _capture_vocoder_graphs(self) -> None:
         if self.flow_graphs is not None:
             # Every shape a vocoder batch can take (see pick_vocoder_batch), so none is captured while serving.
             started = time.monotonic()
@@ -369,8 +390,9 @@ class Engine:
             self._serve()
             return
         # LM steps are short and every stream waits on them; the vocoder's batches are long. On a stream of
-        # higher priority the GPU schedules LM kernels first whenever both have work queued.
-        lm_stream = torch.cuda.Stream(self.device, priority=-1)
+        # higher priority the GPU schedules LM kernels first whenever both have work queued; on an SM partition,
+        # LM kernels never wait for the vocoder's running blocks.
+        lm_stream = self.partition.lm if self.partition else torch.cuda.Stream(self.device, priority=-1)
         lm_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(lm_stream):
             self._serve()
@@ -391,7 +413,8 @@ class Engine:
                 if not self._active and not self._pending and self.vocoder.idle and self.flow_graphs is not None \
                         and self.flow_graphs.missing:
                     try:
-                        self.flow_graphs.capture_missing(limit=1)  # idle: nothing else is on the GPU
+                        with torch.cuda.stream(self.vocoder.stream):  # idle: nothing else is on the GPU
+                            self.flow_graphs.capture_missing(limit=1)
                     except RuntimeError:  # e.g. the memory cap: those shapes stay eager, the loop lives on
                         log.exception("capturing a flow graph failed; its shapes run eagerly")
                         self.flow_graphs.missing.clear()

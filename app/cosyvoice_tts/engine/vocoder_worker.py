@@ -20,11 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class VocoderWorker:
-    def __init__(self, token2wav: Token2Wav, device: torch.device, on_done):
+    def __init__(self, token2wav: Token2Wav, device: torch.device, on_done, stream: torch.cuda.Stream | None = None):
         self.token2wav = token2wav
         self.device = device
         self.on_done = on_done  # called from the worker thread after each batch (the engine wakes its loop)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # `stream`: the vocoder's SM partition (sm_partition.py), where its graphs were captured
+        self.stream = stream if stream is not None else torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: deque = deque()
         self._results: deque = deque()
         self._cond = threading.Condition()

@@ -25,6 +25,7 @@ class ServerConfig:
     gpu_memory_fraction: float = 0.9  # share of the card this worker may allocate (native backend)
     eager_kernels: bool = False  # no compiled elementwise kernels on the GPU (faster start, slower steps)
     flow_memory_gib: float | None = None  # incremental flow pool (native); None: what the fraction leaves; 0: off
+    lm_sms: int = 0  # SMs kept for the LM alone, the vocoder on the rest (native); 0: both share the whole GPU
     max_connections: int = 0  # 0: 4 x max_sessions
     drain_timeout: float = 30.0
     auth_token: str | None = field(default=None, repr=False)
@@ -65,6 +66,8 @@ class ServerConfig:
             raise ValueError("--gpu-memory-fraction must be in (0, 1]")
         if self.flow_memory_gib is not None and self.flow_memory_gib < 0:
             raise ValueError("--flow-memory-gib must be >= 0")
+        if self.lm_sms < 0:
+            raise ValueError("--lm-sms must be >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: what --gpu-memory-fraction leaves after the model, the KV cache and the CUDA graphs, less 8 GiB)",
     )
     p.add_argument(
+        "--lm-sms",
+        type=int,
+        default=0,
+        help="native backend on a GPU: keep this many SMs for the LM alone and run the vocoder on the rest (CUDA "
+        "green contexts; needs the cuda-bindings package), so LM steps never wait behind vocoder kernels; 0: both "
+        "share the whole GPU",
+    )
+    p.add_argument(
         "--max-connections", type=int, default=0, help="open WebSocket connections (default 4 x --max-sessions)"
     )
     p.add_argument(
@@ -172,6 +183,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         gpu_memory_fraction=a.gpu_memory_fraction,
         eager_kernels=a.eager_kernels,
         flow_memory_gib=a.flow_memory_gib,
+        lm_sms=a.lm_sms,
         max_connections=a.max_connections,
         drain_timeout=a.drain_timeout,
         auth_token=token or None,

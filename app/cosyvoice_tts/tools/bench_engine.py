@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                              "default: sized from the memory fraction, 0 with --unbatched")
     parser.add_argument("--paged-from-frames", type=int, default=None,
                         help="prefix length (mel frames) from which a stream's flow keeps its memory (engine default)")
+    parser.add_argument("--lm-sms", type=int, default=None,
+                        help="SMs kept for the LM alone, the vocoder getting the rest (engine/sm_partition.py); "
+                             "default: both share the whole GPU")
     parser.add_argument("--rerun-levels", default="",
                         help="after the levels, these concurrencies again with every chunk re-running its prefix "
                              "(upstream's flow), same engine, for side-by-side ratios")
@@ -391,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                          use_cuda_graphs=not args.unbatched, scheduler_config=scheduler,
                          compile_kernels=not args.eager_kernels,
                          flow_memory_gib=0 if args.unbatched and args.flow_memory_gib is None else args.flow_memory_gib,
+                         lm_sms=args.lm_sms,
                          **({} if args.paged_from_frames is None else {"paged_from_frames": args.paged_from_frames}))
     load_s = time.monotonic() - t0
     t0 = time.monotonic()
@@ -402,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
               "dtype": args.dtype, "unbatched": args.unbatched, "compiled_kernels": engine.compiled_kernels,
               "load_s": round(load_s, 1),
               "graph_capture_s": round(capture_s, 1), "text": args.text, "levels": []}
+    if engine.partition is not None:
+        report["sm_partition"] = {"lm": engine.partition.lm_sms, "vocoder": engine.partition.vocoder_sms}
     if engine.paged_flow is not None:
         report["flow_memory_pages"] = engine.paged_flow.memory.pages - 1
         report["flow_memory_gib"] = round(engine.paged_flow.memory.kv.nbytes / 2**30, 2)

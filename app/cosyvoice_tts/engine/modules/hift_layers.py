@@ -11,6 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from . import pointwise
+
 
 def weight_normed(layer: nn.Module) -> nn.Module:
     """`layer` with its weight split into magnitude (`original0`) and direction (`original1`), as trained."""
@@ -43,9 +45,9 @@ class Snake(nn.Module):
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = self.alpha[None, :, None]
-        return x + (1.0 / (alpha + self._ALPHA_EPS)) * torch.sin(x * alpha).pow(2)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Snake of x * mask (mask: None, or [B, 1, T])."""
+        return pointwise.snake(x, mask, self.alpha, self._ALPHA_EPS)
 
 
 class ResBlock(nn.Module):
@@ -71,10 +73,16 @@ class ResBlock(nn.Module):
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        for act1, conv1, act2, conv2 in zip(self.activations1, self.convs1, self.activations2, self.convs2):
-            branch = masked(conv1(act1(x)), mask)
-            branch = masked(conv2(act2(branch)), mask)
-            x = branch + x
+        # The reference's order (Snake, conv, mask, Snake, conv, mask, add) with each mask and residual add run in
+        # the same kernel as the Snake after it (pointwise.py).
+        h = self.activations1[0](x)
+        last = len(self.convs1) - 1
+        for i, (conv1, conv2) in enumerate(zip(self.convs1, self.convs2)):
+            h = self.activations2[i](conv1(h), mask)
+            if i == last:
+                return x + masked(conv2(h), mask)
+            after = self.activations1[i + 1]
+            x, h = pointwise.add_snake(x, conv2(h), mask, after.alpha, after._ALPHA_EPS)
         return x
 
 

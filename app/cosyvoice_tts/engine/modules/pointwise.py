@@ -83,6 +83,23 @@ def masked_frames(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> to
     return (x * mask).transpose(1, 2).to(dtype)
 
 
+def snake(x: torch.Tensor, mask: torch.Tensor | None, alpha: torch.Tensor, eps: float) -> torch.Tensor:
+    """HiFT's Snake activation of x * mask ([B, C, T], mask [B, 1, T] or None), alpha [C]:
+    x + sin^2(alpha x) / (alpha + eps). Eager it is six kernels over a float32 tensor of every sample: most of
+    HiFT's time went to such elementwise passes (docs/results/engine_h100_2026-11-27/hift_profile_16x506.txt)."""
+    if mask is not None:
+        x = x * mask
+    alpha = alpha[None, :, None]
+    return x + (1.0 / (alpha + eps)) * torch.sin(x * alpha).pow(2)
+
+
+def add_snake(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None, alpha: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual block's add of its masked branch and the next Snake: (x + delta * mask, snake(that))."""
+    x = x + (delta if mask is None else delta * mask)
+    return x, snake(x, None, alpha, eps)
+
+
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool attention mask (True: may attend) as 0 / -inf in `dtype`, the form attention adds to its scores as
     it is: converted once per forward instead of in every layer (two kernels each). Not swapped for a compiled
@@ -97,7 +114,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 FUNCTIONS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "norm_mish", "add_layer_norm", "causal_columns",
-             "window_columns", "masked_frames")
+             "window_columns", "masked_frames", "snake", "add_snake")
 _EAGER = {name: globals()[name] for name in FUNCTIONS}
 
 
@@ -124,8 +141,9 @@ def use_compiled(device: torch.device) -> bool:
     try:
         compiled = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in _EAGER.items()}
         for name, args in _samples(device).items():
-            # Half inputs as the LM runs them, and fp32 inputs under autocast as the flow runs them.
-            for dtype, autocast in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
+            # Half inputs as the LM runs them, fp32 inputs under autocast as the flow runs them, fp32 as HiFT does.
+            for dtype, autocast in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True),
+                                    (torch.float32, False)):
                 cast = [a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and not autocast else a
                         for a in args]
                 with torch.autocast(device.type, dtype=dtype, enabled=autocast):
@@ -176,4 +194,6 @@ def _samples(device: torch.device) -> dict[str, tuple]:
         "causal_columns": (randn(2, 8, 5), randn(2, 1, 5), torch.float32),
         "window_columns": (randn(2, 8, 7), torch.float32),
         "masked_frames": (randn(2, 8, 5), randn(2, 1, 5), torch.float32),
+        "snake": (randn(2, 8, 5), randn(2, 1, 5), randn(8), 1e-9),
+        "add_snake": (randn(2, 8, 5), randn(2, 8, 5), randn(2, 1, 5), randn(8), 1e-9),
     }
