@@ -28,17 +28,19 @@ def capture_graph(fn: Callable[[], T], device: torch.device, pool, warmups: int 
     a graph drawing on `pool`. Returns the graph and the outputs of the captured call: tensors the graph rewrites
     on every replay. error_mode "thread_local" lets other threads keep launching work on their own streams.
 
-    Both happen on the current stream unless it is the default one, where capture is impossible (then on a side
-    stream): a graph captured on a stream of an SM partition (sm_partition.py) runs on that partition's SMs
-    wherever it is replayed."""
+    On the default stream, where capture is impossible, both happen on side streams, the capture always on torch's
+    one capture stream: a pool's freed blocks are reused only on the stream that allocated them, so a new stream
+    per capture would give every graph fresh memory. On any other stream (an SM partition's, sm_partition.py),
+    both happen on that stream: a graph captured there runs on the partition's SMs wherever it is replayed."""
     current = torch.cuda.current_stream(device)
-    stream = current if current != torch.cuda.default_stream(device) else torch.cuda.Stream(device)
+    own_stream = current != torch.cuda.default_stream(device)
+    stream = current if own_stream else torch.cuda.Stream(device)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
         for _ in range(warmups):
             fn()
     current.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=error_mode):
+    with torch.cuda.graph(graph, pool=pool, stream=current if own_stream else None, capture_error_mode=error_mode):
         outputs = fn()
     return graph, outputs

@@ -413,7 +413,10 @@ class Engine:
                 if not self._active and not self._pending and self.vocoder.idle and self.flow_graphs is not None \
                         and self.flow_graphs.missing:
                     try:
-                        with torch.cuda.stream(self.vocoder.stream):  # idle: nothing else is on the GPU
+                        # idle: nothing else is on the GPU. Captured on the stream that will replay it when
+                        # that decides its SMs; else from the default stream, as at start.
+                        home = self.partition.vocoder if self.partition else torch.cuda.default_stream(self.device)
+                        with torch.cuda.stream(home):
                             self.flow_graphs.capture_missing(limit=1)
                     except RuntimeError:  # e.g. the memory cap: those shapes stay eager, the loop lives on
                         log.exception("capturing a flow graph failed; its shapes run eagerly")
