@@ -20,6 +20,7 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
     code = bench_engine.main(["--model-dir", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32",
                               "--concurrency", "1", "--duration", "1", "--max-sessions", "2",
                               "--stage-times", "1x28,1x90L", "--rerun-levels", "1", "--paged-from-frames", "0",
+                              "--single-prefill-levels", "2",
                               "--out", str(out)])
     assert code in (0, None)
     report = json.loads(out.read_text())
@@ -27,8 +28,10 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
     assert report["flow_memory_pages"] > 0
     stages = {(row["flow"], row["chunk"]) for row in report["vocoder_stage_ms"]}
     assert stages == {("paged", "first"), ("paged", "last"), ("rerun", "first"), ("rerun", "last")}
-    assert [(level["concurrency"], level["flow"]) for level in report["levels"]] == [(1, "paged"), (1, "rerun")]
-    paged_level, rerun_level = report["levels"]
+    assert [(level["concurrency"], level["flow"], level["prefill"]) for level in report["levels"]] == \
+        [(1, "paged", "batched"), (1, "rerun", "batched"), (2, "paged", "single")]
+    paged_level, rerun_level, single_level = report["levels"]
+    assert not single_level["errors"] and single_level["requests"] >= 2
     assert paged_level["engine"]["flow_paged_eager_calls"] > 0  # on the CPU every call is eager
     assert rerun_level["engine"]["flow_paged_graphed_calls"] + rerun_level["engine"]["flow_paged_eager_calls"] == 0
     assert not paged_level["errors"] and not rerun_level["errors"]

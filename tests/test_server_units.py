@@ -192,6 +192,7 @@ def test_parse_args_flags():
     assert (cfg.max_context, cfg.gpu_memory_fraction) == (2048, 0.45)
     assert cfg.eager_kernels is False and parse_args(["--eager-kernels"], environ={}).eager_kernels is True
     assert cfg.flow_memory_gib is None and parse_args(["--flow-memory-gib", "12.5"], environ={}).flow_memory_gib == 12.5
+    assert cfg.lm_sms == 0 and parse_args(["--lm-sms", "32"], environ={}).lm_sms == 32
 
 
 @pytest.mark.parametrize("argv, expected", [([], "absent"), (["--flow-memory-gib", "0"], 0.0),
@@ -213,6 +214,26 @@ def test_load_engine_passes_the_flow_memory_only_when_given(monkeypatch, tmp_pat
     monkeypatch.setattr(Engine, "load", fake_load)
     load_engine(parse_args(["--model-dir", str(tmp_path)] + argv, environ={}), "cpu", "fp32")
     assert seen["flow_memory_gib"] == expected
+
+
+@pytest.mark.parametrize("argv, expected", [([], "absent"), (["--lm-sms", "0"], "absent"), (["--lm-sms", "32"], 32)])
+def test_load_engine_passes_an_sm_partition_only_when_asked(monkeypatch, tmp_path, argv, expected):
+    from cosyvoice_tts.engine import Engine
+    from cosyvoice_tts.server.model import load_engine
+
+    seen = {}
+
+    class Started:
+        def start(self):
+            pass
+
+    def fake_load(model_dir, lm_sms="absent", **kwargs):
+        seen["lm_sms"] = lm_sms
+        return Started()
+
+    monkeypatch.setattr(Engine, "load", fake_load)
+    load_engine(parse_args(["--model-dir", str(tmp_path)] + argv, environ={}), "cpu", "fp32")
+    assert seen["lm_sms"] == expected
 
 
 @pytest.mark.parametrize("argv, compiled", [([], True), (["--eager-kernels"], False)])
@@ -239,7 +260,7 @@ def test_load_engine_passes_the_kernel_choice(monkeypatch, tmp_path, argv, compi
     "argv",
     [["--backend", "tensorrt"], ["--max-sessions", "0"], ["--port", "70000"], ["--fp16", "--dtype", "bf16"],
      ["--drain-timeout", "-1"], ["--max-context", "100"], ["--gpu-memory-fraction", "0"],
-     ["--gpu-memory-fraction", "1.5"], ["--flow-memory-gib", "-1"]],
+     ["--gpu-memory-fraction", "1.5"], ["--flow-memory-gib", "-1"], ["--lm-sms", "-8"]],
 )  # fmt: skip
 def test_parse_args_rejects(argv, capsys):
     with pytest.raises(SystemExit) as ei:

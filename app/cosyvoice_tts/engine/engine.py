@@ -503,8 +503,8 @@ class Engine:
     def _run(self, plan) -> None:
         self.counters["steps"] += 1
         t0 = time.perf_counter()
-        for request in plan.extend:
-            self._lm_extend(request)
+        if plan.extend:
+            self._lm_extend(plan.extend)
         t1 = time.perf_counter()
         if plan.decode:
             self._lm_decode([r for r in plan.decode if r in self._active])
@@ -512,15 +512,24 @@ class Engine:
         self.counters["extend_s"] += t1 - t0
         self.counters["decode_s"] += time.perf_counter() - t1
 
-    def _lm_extend(self, request: Request) -> None:
-        pieces = request.program.take_input()
-        try:
-            logp = self.runner.extend(request.slot, request.position, pieces)
-        except CacheFullError as exc:
-            self._fail(request, EngineError("context_full", str(exc)))
+    def _lm_extend(self, requests: list[Request]) -> None:
+        """Prefill (or feed several inputs to) every request of the step in one forward where one fits."""
+        fits, items = [], []
+        for request in requests:
+            pieces = request.program.take_input()
+            length = pieces_length(pieces)
+            if request.position + length > self.runner.max_len:
+                self._fail(request, EngineError(
+                    "context_full", f"context of {request.position + length} tokens exceeds the "
+                                    f"{self.runner.max_len}-token limit"))
+                continue
+            fits.append(request)
+            items.append((request.slot, request.position, pieces))
+        if not items:
             return
-        request.position += pieces_length(pieces)
-        self._after_lm(request, logp)
+        for request, (_, _, pieces), logp in zip(fits, items, self.runner.extend_batch(items)):
+            request.position += pieces_length(pieces)
+            self._after_lm(request, logp)
 
     def _lm_decode(self, requests: list[Request]) -> None:
         rows = []

@@ -1,9 +1,9 @@
 """Owns the device side of the speech-token LM: weights, KV cache, and the captured decode step.
 
-Two kinds of LM work: `extend` feeds one request several inputs (prompt prefill, bistream text, re-fed inputs),
-eagerly; `decode` feeds many requests one speech token each in a single forward. On CUDA the decode step is
-captured as CUDA graphs for a ladder of batch sizes (eager decoding is launch-bound: ~64 ms vs ~3 ms a step on an
-H100 for this model), with padded rows writing into a scratch slot.
+Two kinds of LM work: `extend` feeds a request several inputs (prompt prefill, bistream text, re-fed inputs), and
+`extend_batch` several requests at once; `decode` feeds many requests one speech token each in a single forward.
+On CUDA both are captured as CUDA graphs for ladders of shapes (eager decoding is launch-bound: ~64 ms vs ~3 ms a
+step on an H100 for this model), with padded rows writing into a scratch slot.
 """
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ from .sampling import StepDistribution
 
 # Candidates copied back per row; RAS keeps at most top_k (25) of them.
 TOP_CANDIDATES = 32
+# Requests arriving together are prefilled together (a closed-loop bench at 32 streams sees ~4 at once), up to
+# this many in one captured forward, of at most this many inputs each (a 20-word sentence's prompt is ~50)
+PREFILL_BATCHES = (2, 4, 8)
+MAX_BATCHED_PREFILL = 128
 
 log = logging.getLogger(__name__)
 
@@ -62,39 +66,65 @@ class _CapturedDecode:
         return self.out
 
 
-class _CapturedExtend:
-    """One CUDA graph of a one-request prefill of up to `length` inputs attending over `key_len` positions.
+class PaddedExtend:
+    """A prefill of up to `batch` requests, each up to `length` inputs, attending over `key_len` positions, in one
+    padded forward: requests that arrive together are prefilled together instead of one after another, each of
+    which every running stream's next step would wait for. Run eagerly as it is; captured by `_CapturedExtend`.
 
     Inputs are right-padded with zero embeddings. The padded inputs sit after every real one, so causal
     attention keeps them out of the real outputs; they write keys and values into the request's own slot past
-    its last real position, which the next real input there overwrites before anything reads it."""
+    its last real position, which the next real input there overwrites before anything reads it. Rows beyond the
+    call's requests write into the scratch slot."""
 
-    def __init__(self, runner: "ModelRunner", length: int, key_len: int, pool):
+    def __init__(self, runner: "ModelRunner", length: int, key_len: int, batch: int = 1):
         device = runner.device
-        hidden = runner.llm.llm.config.hidden_size
+        self.runner = runner
+        self.batch = batch
         self.length = length
         self.key_len = key_len
-        self.embeds = torch.zeros(1, length, hidden, dtype=runner.dtype, device=device)
-        self.slots = torch.zeros(1, dtype=torch.long, device=device)
-        self.positions = torch.arange(length, device=device).unsqueeze(0)
-        self.last = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph, self.logp = capture_graph(lambda: self._forward(runner), device, pool, warmups=2,
-                                              error_mode="global")
+        self.embeds = torch.zeros(batch, length, runner.llm.llm.config.hidden_size, dtype=runner.dtype,
+                                  device=device)
+        # Rows: slot, first position, index of the last real input in the flattened [batch * length] outputs.
+        self.rows = torch.zeros(3, batch, dtype=torch.long, device=device)
+        self.rows[0].fill_(runner.cache.scratch_slot)
+        self.steps = torch.arange(length, device=device)
 
-    def _forward(self, runner: "ModelRunner") -> torch.Tensor:
-        attn = AttentionInputs.build(self.slots, self.positions, self.key_len, runner.dtype)
+    def _forward(self) -> torch.Tensor:
+        runner = self.runner
+        slots, starts, last = self.rows.unbind(0)
+        positions = starts[:, None] + self.steps[None, :]
+        attn = AttentionInputs.build(slots, positions, self.key_len, runner.dtype)
         hidden = runner.llm.llm(self.embeds, runner.cache.k, runner.cache.v, attn)
-        return runner.llm.logprobs(hidden[0].index_select(0, self.last))
+        return runner.llm.logprobs(hidden.flatten(0, 1).index_select(0, last))
 
-    def run(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        n = embeds.shape[1]
+    def _fill(self, embeds: list[torch.Tensor], slots: list[int], starts: list[int]) -> None:
+        pad = self.batch - len(embeds)
         self.embeds.zero_()
-        self.embeds[:, :n].copy_(embeds)
-        self.slots.fill_(slot)
-        torch.arange(start, start + self.length, out=self.positions[0])
-        self.last.fill_(n - 1)
+        for row, e in enumerate(embeds):
+            self.embeds[row, :e.shape[0]].copy_(e)
+        host = torch.tensor([list(slots) + [self.runner.cache.scratch_slot] * pad, list(starts) + [0] * pad,
+                             [row * self.length + e.shape[0] - 1 for row, e in enumerate(embeds)] + [0] * pad],
+                            dtype=torch.long)
+        self.rows.copy_(host, non_blocking=True)
+
+    def run(self, embeds: list[torch.Tensor], slots: list[int], starts: list[int]) -> torch.Tensor:
+        """embeds[i] [n_i, hidden] for slot slots[i] from position starts[i] -> log-probs [batch, vocab] (the
+        first len(embeds) rows are the requests')."""
+        self._fill(embeds, slots, starts)
+        return self._forward()
+
+
+class _CapturedExtend(PaddedExtend):
+    """`PaddedExtend` as one CUDA graph."""
+
+    def __init__(self, runner: "ModelRunner", length: int, key_len: int, pool, batch: int = 1):
+        super().__init__(runner, length, key_len, batch)
+        self.graph, self.logp = capture_graph(self._forward, runner.device, pool, warmups=2, error_mode="global")
+
+    def run(self, embeds: list[torch.Tensor], slots: list[int], starts: list[int]) -> torch.Tensor:
+        self._fill(embeds, slots, starts)
         self.graph.replay()
-        return self.logp[0]
+        return self.logp
 
 
 def length_buckets(max_len: int) -> list[int]:
@@ -117,6 +147,8 @@ class ModelRunner:
         self.candidates = min(TOP_CANDIDATES, self.vocab)  # per row, copied back with the log-probs
         self.graphs: dict[tuple[int, int], _CapturedDecode] = {}
         self.extend_graphs: dict[tuple[int, int], _CapturedExtend] = {}
+        self.batch_extend_graphs: dict[tuple[int, int, int], _CapturedExtend] = {}  # (batch, length, key_len)
+        self.batch_prefill = True  # False: extend_batch prefills one request at a time (the bench's comparison)
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
 
     # --- inputs -----------------------------------------------------------------
@@ -143,12 +175,36 @@ class ModelRunner:
         embeds = self.embed(pieces).unsqueeze(0)
         graph = self._extend_graph_for(length, start)
         if graph is not None:
-            return graph.run(embeds, slot, start).float().cpu()
+            return graph.run([embeds[0]], [slot], [start])[0].float().cpu()
         positions = torch.arange(start, start + length, device=self.device).unsqueeze(0)
         slots = torch.tensor([slot], dtype=torch.long, device=self.device)
         attn = AttentionInputs.build(slots, positions, start + length, self.dtype)
         hidden = self.llm.llm(embeds, self.cache.k, self.cache.v, attn)
         return self.llm.logprobs(hidden[:, -1]).squeeze(0).cpu()
+
+    @torch.inference_mode()
+    def extend_batch(self, items: list[tuple[int, int, list[Piece]]]) -> list[torch.Tensor]:
+        """`extend` for several requests, (slot, start, pieces) each, in one forward where one fits (a captured
+        batch on a GPU; padded, eagerly, without CUDA graphs), else one after another."""
+        for slot, start, pieces in items:
+            if start + pieces_length(pieces) > self.max_len:
+                raise CacheFullError(f"slot {slot}: context of {start + pieces_length(pieces)} tokens exceeds the "
+                                     f"{self.max_len}-token limit")
+        if len(items) == 1 or not self.batch_prefill:
+            return [self.extend(*item) for item in items]
+        longest = max(pieces_length(pieces) for _, _, pieces in items)
+        last_start = max(start for _, start, _ in items)
+        if last_start + longest > self.max_len:  # padding one row to another's length would run off its slot
+            return [self.extend(*item) for item in items]
+        if self.use_cuda_graphs:
+            graph = self._batch_extend_graph_for(len(items), longest, last_start)
+            if graph is None:
+                return [self.extend(*item) for item in items]
+        else:
+            graph = PaddedExtend(self, longest, last_start + longest, len(items))
+        embeds = [self.embed(pieces) for _, _, pieces in items]
+        logp = graph.run(embeds, [slot for slot, _, _ in items], [start for _, start, _ in items])
+        return list(logp[:len(items)].float().cpu().unbind(0))
 
     def _decode_forward(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                         key_len: int | None = None) -> torch.Tensor:
@@ -210,6 +266,13 @@ class ModelRunner:
                 return self.extend_graphs[(size, keys)]
         return None
 
+    def _batch_extend_graph_for(self, batch: int, length: int, last_start: int) -> _CapturedExtend | None:
+        # Every row's padded inputs must stay inside the attended (and cached) positions.
+        for rows, size, keys in sorted(self.batch_extend_graphs):
+            if rows >= batch and size >= length and keys >= last_start + size:
+                return self.batch_extend_graphs[(rows, size, keys)]
+        return None
+
     def key_buckets(self) -> list[int]:
         buckets, keys = [], 256
         while keys < self.max_len:
@@ -233,3 +296,12 @@ class ModelRunner:
                     self.extend_graphs[(size, keys)] = _CapturedExtend(self, size, keys, pool)
         log.info("captured %d prefill CUDA graphs: length %s x context %s", len(self.extend_graphs),
                  length_buckets(self.max_len), self.key_buckets())
+        batches = [b for b in PREFILL_BATCHES if b <= max_batch]
+        lengths = [n for n in length_buckets(self.max_len) if n <= MAX_BATCHED_PREFILL]
+        for rows in batches:
+            for size in lengths:
+                for keys in self.key_buckets():
+                    if keys >= size:
+                        self.batch_extend_graphs[(rows, size, keys)] = _CapturedExtend(self, size, keys, pool, rows)
+        log.info("captured %d batched prefill CUDA graphs: batch %s x length %s x context %s",
+                 len(self.batch_extend_graphs), batches, lengths, self.key_buckets())

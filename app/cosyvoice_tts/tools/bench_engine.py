@@ -188,6 +188,22 @@ def check_prefill_graphs(engine: Engine) -> float:
     return round(float((graphed - eager).abs().max()), 6)
 
 
+@torch.inference_mode()
+def check_batched_prefill(engine: Engine) -> float:
+    """Three prompts prefilled in one captured batch against each alone: max abs diff of the log-probabilities."""
+    runner = engine.runner
+    prompts = [[("sos", []), ("text", list(range(start, start + n))), ("task", [])]
+               for start, n in ((100, 40), (300, 12), (500, 25))]
+    slots = [runner.cache.allocate() for _ in prompts]
+    try:
+        together = runner.extend_batch([(slot, 0, p) for slot, p in zip(slots, prompts)])
+        alone = [runner.extend(slot, 0, p) for slot, p in zip(slots, prompts)]
+    finally:
+        for slot in slots:
+            runner.cache.release(slot)
+    return round(max(float((a - b).abs().max()) for a, b in zip(together, alone)), 6)
+
+
 @contextmanager
 def flow_setting(engine: Engine, paged, from_frames: int):
     """The vocoder's flow for the duration: `paged` (the engine's PagedFlow, or None: every chunk re-runs its
@@ -378,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lm-sms", type=int, default=None,
                         help="SMs kept for the LM alone, the vocoder getting the rest (engine/sm_partition.py); "
                              "default: both share the whole GPU")
+    parser.add_argument("--single-prefill-levels", default="",
+                        help="after the levels, these concurrencies again with requests that arrive together "
+                             "prefilled one at a time (as before batched prefill), same engine")
     parser.add_argument("--rerun-levels", default="",
                         help="after the levels, these concurrencies again with every chunk re-running its prefix "
                              "(upstream's flow), same engine, for side-by-side ratios")
@@ -417,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                check_encoder_graphs),
               ("hift_graph", engine.hift_graphs is not None, check_hift_graphs),
               ("prefill_graph", bool(engine.runner.extend_graphs), check_prefill_graphs),
+              ("batched_prefill_vs_single", bool(engine.runner.batch_extend_graphs), check_batched_prefill),
               ("paged_flow_vs_rerun", engine.paged_flow is not None,
                lambda e: check_paged_flow(e, args.text, args.voice)))
     for name, applies, check in checks:
@@ -437,15 +457,22 @@ def main(argv: list[str] | None = None) -> int:
             "flow_paged_graphed_calls", "flow_paged_eager_calls", "flow_paged_fallbacks", "encoder_graphed_calls",
             "encoder_eager_calls", "hift_graphed_calls", "hift_eager_calls")
     rerun_levels = [int(x) for x in args.rerun_levels.split(",") if x] if engine.paged_flow is not None else []
+    single_levels = [int(x) for x in args.single_prefill_levels.split(",") if x]
     paged = engine.paged_flow
-    for users, flow_mode in [(u, "paged" if paged is not None else "rerun") for u in levels] + \
-            [(u, "rerun") for u in rerun_levels]:
-        # The same engine with every chunk re-running its prefix (upstream's flow), for side-by-side ratios.
+    default_flow = "paged" if paged is not None else "rerun"
+    # After the levels, the same engine with every chunk re-running its prefix (upstream's flow), and with
+    # prefills one request at a time, for side-by-side ratios.
+    runs = [(u, default_flow, True) for u in levels] + [(u, "rerun", True) for u in rerun_levels] + \
+        [(u, default_flow, False) for u in single_levels]
+    for users, flow_mode, batch_prefill in runs:
         with flow_setting(engine, paged if flow_mode == "paged" else None, engine.token2wav.paged_from_frames):
+            engine.runner.batch_prefill = batch_prefill
             before = engine.stats()
             summary = run_level(engine, users, args.duration, args.text, args.voice)
             after = engine.stats()
+            engine.runner.batch_prefill = True
         summary["flow"] = flow_mode
+        summary["prefill"] = "batched" if batch_prefill else "single"
         summary["engine"] = {k: round(after[k] - before[k], 3) for k in keys if k in after}
         if "flow_memory_pages_free" in after:
             summary["engine"]["flow_memory_pages_free_after"] = after["flow_memory_pages_free"]
