@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--flow-memory-gib",
         type=float,
         default=None,
-        help="native backend: GPU memory for the flow's per-stream memory, which spares streams longer than 10 s "
+        help="native backend: GPU memory for the flow's per-stream memory, which spares streams longer than 6 s "
         "from re-running their whole prefix at every chunk (115 MB per second of audio kept); 0: always re-run "
         "(default: what --gpu-memory-fraction leaves after the model, the KV cache and the CUDA graphs, less 8 GiB)",
     )
