@@ -6,6 +6,7 @@ import torch
 
 from cosyvoice_tts.engine import Engine
 from cosyvoice_tts.engine.kv_cache import CacheFullError
+from cosyvoice_tts.engine.lm_program import pieces_length
 from cosyvoice_tts.engine.model_runner import PaddedExtend
 
 
@@ -44,16 +45,22 @@ class _EagerGraph:
         self.out.copy_(self.fn())
 
 
-@torch.inference_mode()
-def test_graph_path_decode_with_padded_rows_equals_eager_decode(tiny_model_dir, monkeypatch):
+@pytest.fixture
+def eager_graphs(monkeypatch):
+    """The runner's graph captures replaced by `_EagerGraph`: the graph path's buffers and padding, on the CPU."""
     from cosyvoice_tts.engine import model_runner
-    from cosyvoice_tts.engine.model_runner import DecodeRow, _CapturedDecode
 
     def fake_capture(fn, device, pool, **_kwargs):
         graph = _EagerGraph(fn)
         return graph, graph.out
 
     monkeypatch.setattr(model_runner, "capture_graph", fake_capture)
+
+
+@torch.inference_mode()
+def test_graph_path_decode_with_padded_rows_equals_eager_decode(tiny_model_dir, eager_graphs):
+    from cosyvoice_tts.engine.model_runner import DecodeRow, _CapturedDecode
+
     engine = Engine.load(tiny_model_dir, max_sessions=4, max_context=512)
     runner = engine.runner
     slots = [runner.cache.allocate() for _ in range(4)]
@@ -95,20 +102,14 @@ def test_batched_prefill_equals_one_request_at_a_time(tiny_model_dir):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
     for k in runner.cache.k:
         for slot_a, slot_b, start, prompt in zip(alone, together, starts, PROMPTS):
-            end = start + sum(max(1, len(ids)) if kind != "text" else len(ids) for kind, ids in prompt)
+            end = start + pieces_length(prompt)
             torch.testing.assert_close(k[slot_b, :end], k[slot_a, :end], atol=1e-5, rtol=0)
 
 
 @torch.inference_mode()
-def test_batched_prefill_graph_pads_rows_into_the_scratch_slot(tiny_model_dir, monkeypatch):
-    from cosyvoice_tts.engine import model_runner
+def test_batched_prefill_graph_pads_rows_into_the_scratch_slot(tiny_model_dir, eager_graphs):
     from cosyvoice_tts.engine.model_runner import _CapturedExtend
 
-    def fake_capture(fn, device, pool, **_kwargs):
-        graph = _EagerGraph(fn)
-        return graph, graph.out
-
-    monkeypatch.setattr(model_runner, "capture_graph", fake_capture)
     engine = Engine.load(tiny_model_dir, max_sessions=6, max_context=512)
     runner = engine.runner
     alone, together = [runner.cache.allocate() for _ in range(2)], [runner.cache.allocate() for _ in range(2)]

@@ -195,9 +195,13 @@ def test_parse_args_flags():
     assert cfg.lm_sms == 0 and parse_args(["--lm-sms", "32"], environ={}).lm_sms == 32
 
 
-@pytest.mark.parametrize("argv, expected", [([], "absent"), (["--flow-memory-gib", "0"], 0.0),
-                                            (["--flow-memory-gib", "20"], 20.0)])
-def test_load_engine_passes_the_flow_memory_only_when_given(monkeypatch, tmp_path, argv, expected):
+@pytest.mark.parametrize("argv, name, expected", [
+    ([], "flow_memory_gib", "absent"), (["--flow-memory-gib", "0"], "flow_memory_gib", 0.0),
+    (["--flow-memory-gib", "20"], "flow_memory_gib", 20.0),
+    ([], "lm_sms", "absent"), (["--lm-sms", "0"], "lm_sms", "absent"), (["--lm-sms", "32"], "lm_sms", 32),
+    ([], "compile_kernels", True), (["--eager-kernels"], "compile_kernels", False),
+])  # fmt: skip
+def test_load_engine_passes_engine_options_as_given(monkeypatch, tmp_path, argv, name, expected):
     from cosyvoice_tts.engine import Engine
     from cosyvoice_tts.server.model import load_engine
 
@@ -207,53 +211,14 @@ def test_load_engine_passes_the_flow_memory_only_when_given(monkeypatch, tmp_pat
         def start(self):
             pass
 
-    def fake_load(model_dir, flow_memory_gib="absent", **kwargs):
-        seen["flow_memory_gib"] = flow_memory_gib
+    # load_engine passes what the signature names; "absent": the engine's own default applies
+    def fake_load(model_dir, flow_memory_gib="absent", lm_sms="absent", compile_kernels="absent", **kwargs):
+        seen.update(flow_memory_gib=flow_memory_gib, lm_sms=lm_sms, compile_kernels=compile_kernels)
         return Started()
 
     monkeypatch.setattr(Engine, "load", fake_load)
     load_engine(parse_args(["--model-dir", str(tmp_path)] + argv, environ={}), "cpu", "fp32")
-    assert seen["flow_memory_gib"] == expected
-
-
-@pytest.mark.parametrize("argv, expected", [([], "absent"), (["--lm-sms", "0"], "absent"), (["--lm-sms", "32"], 32)])
-def test_load_engine_passes_an_sm_partition_only_when_asked(monkeypatch, tmp_path, argv, expected):
-    from cosyvoice_tts.engine import Engine
-    from cosyvoice_tts.server.model import load_engine
-
-    seen = {}
-
-    class Started:
-        def start(self):
-            pass
-
-    def fake_load(model_dir, lm_sms="absent", **kwargs):
-        seen["lm_sms"] = lm_sms
-        return Started()
-
-    monkeypatch.setattr(Engine, "load", fake_load)
-    load_engine(parse_args(["--model-dir", str(tmp_path)] + argv, environ={}), "cpu", "fp32")
-    assert seen["lm_sms"] == expected
-
-
-@pytest.mark.parametrize("argv, compiled", [([], True), (["--eager-kernels"], False)])
-def test_load_engine_passes_the_kernel_choice(monkeypatch, tmp_path, argv, compiled):
-    from cosyvoice_tts.engine import Engine
-    from cosyvoice_tts.server.model import load_engine
-
-    seen = {}
-
-    class Started:
-        def start(self):
-            pass
-
-    def fake_load(model_dir, compile_kernels=None, **kwargs):  # load_engine passes what the signature names
-        seen.update(kwargs, compile_kernels=compile_kernels)
-        return Started()
-
-    monkeypatch.setattr(Engine, "load", fake_load)
-    load_engine(parse_args(["--model-dir", str(tmp_path)] + argv, environ={}), "cpu", "fp32")
-    assert seen["compile_kernels"] is compiled
+    assert seen[name] == expected
 
 
 @pytest.mark.parametrize(
