@@ -31,6 +31,8 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
     assert [(level["concurrency"], level["flow"], level["prefill"]) for level in report["levels"]] == \
         [(1, "paged", "batched"), (1, "rerun", "batched"), (2, "paged", "single")]
     paged_level, rerun_level, single_level = report["levels"]
+    # One stream alone: its first chunk's 28 tokens (25 + 3 lookahead) took 28 engine steps (prefill included).
+    assert paged_level["first_chunk_lm_steps_p50"] == 28 and paged_level["first_chunk_lm_ms_per_step_p50"] > 0
     assert not single_level["errors"] and single_level["requests"] >= 2
     assert paged_level["engine"]["flow_paged_eager_calls"] > 0  # on the CPU every call is eager
     assert rerun_level["engine"]["flow_paged_graphed_calls"] + rerun_level["engine"]["flow_paged_eager_calls"] == 0

@@ -451,6 +451,7 @@ class Engine:
             except CacheFullError:
                 self._fail(request, CapacityError(self.max_sessions))
                 continue
+            request.stats.admitted_step = self.counters["steps"]
             self._start_segment(request)
 
     def _start_segment(self, request: Request) -> None:
@@ -565,6 +566,7 @@ class Engine:
             request.stream.lm_done = True
         if request.stats.first_tokens_at is None and request.stream.has_chunk():
             request.stats.first_tokens_at = time.monotonic()
+            request.stats.first_tokens_step = self.counters["steps"]
 
     def _yield_to_first_chunk(self, plan) -> None:
         """While a first chunk is being vocoded, step only the streams that need it now.

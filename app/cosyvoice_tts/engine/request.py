@@ -73,6 +73,10 @@ class RequestStats:
     # Where the first chunk's time goes: LM has its tokens, then the vocoder takes the chunk.
     first_tokens_at: float | None = None
     first_vocode_at: float | None = None
+    # Engine steps (LM forwards of the whole batch) at admission and when the first chunk's tokens were ready: a
+    # first chunk needs ~28 of this request's own; more means steps it sat out, slow ones mean a slow loop.
+    admitted_step: int | None = None
+    first_tokens_step: int | None = None
     finished_at: float | None = None
     audio_samples: int = 0
     text_tokens: int = 0
@@ -189,4 +193,7 @@ class Request:
         if any(t is None for t in stamps):
             return {}
         lm, queue, vocoder = (round((b - a) * 1000, 1) for a, b in zip(stamps, stamps[1:]))
-        return {"first_chunk_lm_ms": lm, "first_chunk_queue_ms": queue, "first_chunk_vocoder_ms": vocoder}
+        phases = {"first_chunk_lm_ms": lm, "first_chunk_queue_ms": queue, "first_chunk_vocoder_ms": vocoder}
+        if s.admitted_step is not None and s.first_tokens_step is not None:
+            phases["first_chunk_lm_steps"] = s.first_tokens_step - s.admitted_step
+        return phases

@@ -103,6 +103,11 @@ def run_level(engine: Engine, users: int, duration: float, text: str, voice: str
     for part in ("lm", "queue", "vocoder"):
         key = f"first_chunk_{part}_ms"
         summary[f"{key}_p50"] = percentile([r[key] for r in results if key in r], 50)
+    # The LM part in engine steps, and what each cost: the steps a request sat out, or a slow loop?
+    steps = [r for r in results if r.get("first_chunk_lm_steps")]
+    summary["first_chunk_lm_steps_p50"] = percentile([r["first_chunk_lm_steps"] for r in steps], 50)
+    per_step = percentile([r["first_chunk_lm_ms"] / r["first_chunk_lm_steps"] for r in steps], 50)
+    summary["first_chunk_lm_ms_per_step_p50"] = None if per_step is None else round(per_step, 2)
     if engine.device.type == "cuda":
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)
     return summary
