@@ -31,7 +31,7 @@ from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, make_generator
 from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, pick_vocoder_batch
 from .sm_partition import SmPartition, split_streams
-from .token2wav import StreamConfig, StreamState, Token2Wav
+from .token2wav import PAGED_FROM_FRAMES, StreamConfig, StreamState, Token2Wav
 from .vocoder_worker import VocoderWorker
 from .voices import voice_prompt
 
@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 # GPU memory kept for the incremental flow's own graphs and for serving when its pool is sized from the memory
 # fraction (after every other graph is captured)
 FLOW_RESERVE_BYTES = 8 * 2**30
-# A stream re-runs its flow prefix until it is longer than this (mel frames, prompt included: 6 s), then keeps
-# the estimator's memory (flow_pages.py). On an H100 (docs/performance.md, run p6) a paged call after a 200-frame
-# prefix costs half the re-run; a stream pays one paged call from frame 0 (1.3x a re-run) when it switches.
-PAGED_FROM_FRAMES = 300
 URGENT_AHEAD_S = 1.0  # a playing stream with less audio than this buffered keeps its LM steps, whatever else runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -40,6 +40,10 @@ class Chunk:
 
 
 FULL_RERUN = "full-rerun"
+# A stream re-runs its flow prefix until it is longer than this (mel frames, prompt included: 6 s), then keeps
+# the estimator's memory (flow_pages.py). On an H100 (docs/performance.md, run p6) a paged call after a 200-frame
+# prefix costs half the re-run; a stream pays one paged call from frame 0 (1.3x a re-run) when it switches.
+PAGED_FROM_FRAMES = 300
 
 
 @dataclass
@@ -117,7 +121,7 @@ class Token2Wav:
 
     def __init__(self, flow: torch.nn.Module, hift: torch.nn.Module, device: torch.device, cfg: StreamConfig,
                  flow_dtype: torch.dtype = torch.float32, paged: PagedFlow | None = None,
-                 paged_from_frames: int = 500):
+                 paged_from_frames: int = PAGED_FROM_FRAMES):
         """paged: the batched incremental sampler (a streaming request's chunks then cost what is new, not the
         whole prefix); None: every chunk re-runs its prefix, as upstream does. paged_from_frames: a stream keeps
         re-running until its prefix (prompt included) is longer than this many mel frames."""
