@@ -115,7 +115,7 @@ def test_batched_prefill_graph_pads_rows_into_the_scratch_slot(tiny_model_dir, e
     alone, together = [runner.cache.allocate() for _ in range(2)], [runner.cache.allocate() for _ in range(2)]
     want = [runner.extend(slot, 0, p) for slot, p in zip(alone, PROMPTS)]
     runner.use_cuda_graphs = True  # the graph path, with graphs that re-run eagerly
-    runner.batch_extend_graphs[(4, 32, 256)] = _CapturedExtend(runner, 32, 256, None, batch=4)
+    runner.extend_graphs[(4, 32, 256)] = _CapturedExtend(runner, 32, 256, None, batch=4)
     got = runner.extend_batch([(slot, 0, p) for slot, p in zip(together, PROMPTS)])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
@@ -130,7 +130,7 @@ def test_batched_prefill_graph_pads_rows_into_the_scratch_slot(tiny_model_dir, e
     runner.use_cuda_graphs = False
     want_long = runner.extend(alone[0], 0, long)
     runner.use_cuda_graphs = True
-    assert runner._batch_extend_graph_for(2, 42, 0) is None
+    assert runner._extend_graph_for(2, 42, 0) is None
     got_long = runner.extend_batch([(together[0], 0, long), (together[1], 0, PROMPTS[1])])
     torch.testing.assert_close(got_long[0], want_long, atol=1e-5, rtol=0)
 

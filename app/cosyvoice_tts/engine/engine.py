@@ -514,11 +514,10 @@ class Engine:
         fits, items = [], []
         for request in requests:
             pieces = request.program.take_input()
-            length = pieces_length(pieces)
-            if request.position + length > self.runner.max_len:
-                self._fail(request, EngineError(
-                    "context_full", f"context of {request.position + length} tokens exceeds the "
-                                    f"{self.runner.max_len}-token limit"))
+            try:
+                self.runner.check_context(request.position, pieces_length(pieces))
+            except CacheFullError as exc:
+                self._fail(request, EngineError("context_full", str(exc)))
                 continue
             fits.append(request)
             items.append((request.slot, request.position, pieces))

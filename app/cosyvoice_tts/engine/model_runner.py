@@ -146,8 +146,7 @@ class ModelRunner:
         self.vocab = llm.llm_decoder.out_features
         self.candidates = min(TOP_CANDIDATES, self.vocab)  # per row, copied back with the log-probs
         self.graphs: dict[tuple[int, int], _CapturedDecode] = {}
-        self.extend_graphs: dict[tuple[int, int], _CapturedExtend] = {}
-        self.batch_extend_graphs: dict[tuple[int, int, int], _CapturedExtend] = {}  # (batch, length, key_len)
+        self.extend_graphs: dict[tuple[int, int, int], _CapturedExtend] = {}  # (requests, length, key_len)
         self.batch_prefill = True  # False: extend_batch prefills one request at a time (the bench's comparison)
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
 
@@ -166,41 +165,31 @@ class ModelRunner:
         return torch.cat(parts, dim=0)
 
     # --- LM steps -----------------------------------------------------------------
-    @torch.inference_mode()
-    def extend(self, slot: int, start: int, pieces: list[Piece]) -> torch.Tensor:
-        """Feed a request several inputs at positions start.. and return log-probs after the last one (CPU fp32)."""
-        length = pieces_length(pieces)
+    def check_context(self, start: int, length: int) -> None:
+        """CacheFullError if `length` inputs from position `start` would not fit a request's context."""
         if start + length > self.max_len:
             raise CacheFullError(f"context of {start + length} tokens exceeds the {self.max_len}-token limit")
-        embeds = self.embed(pieces).unsqueeze(0)
-        graph = self._extend_graph_for(length, start)
-        if graph is not None:
-            return graph.run([embeds[0]], [slot], [start])[0].float().cpu()
-        positions = torch.arange(start, start + length, device=self.device).unsqueeze(0)
-        slots = torch.tensor([slot], dtype=torch.long, device=self.device)
-        attn = AttentionInputs.build(slots, positions, start + length, self.dtype)
-        hidden = self.llm.llm(embeds, self.cache.k, self.cache.v, attn)
-        return self.llm.logprobs(hidden[:, -1]).squeeze(0).cpu()
+
+    def extend(self, slot: int, start: int, pieces: list[Piece]) -> torch.Tensor:
+        """Feed a request several inputs at positions start.. and return log-probs after the last one (CPU fp32)."""
+        return self.extend_batch([(slot, start, pieces)])[0]
 
     @torch.inference_mode()
     def extend_batch(self, items: list[tuple[int, int, list[Piece]]]) -> list[torch.Tensor]:
         """`extend` for several requests, (slot, start, pieces) each, in one forward where one fits (a captured
         batch on a GPU; padded, eagerly, without CUDA graphs), else one after another."""
-        for slot, start, pieces in items:
-            if start + pieces_length(pieces) > self.max_len:
-                raise CacheFullError(f"slot {slot}: context of {start + pieces_length(pieces)} tokens exceeds the "
-                                     f"{self.max_len}-token limit")
-        if len(items) == 1 or not self.batch_prefill:
-            return [self.extend(*item) for item in items]
+        for _, start, pieces in items:
+            self.check_context(start, pieces_length(pieces))
         longest = max(pieces_length(pieces) for _, _, pieces in items)
         last_start = max(start for _, start, _ in items)
-        if last_start + longest > self.max_len:  # padding one row to another's length would run off its slot
+        graph = self._extend_graph_for(len(items), longest, last_start) if self.use_cuda_graphs else None
+        # Several requests go together in a captured batch, or eagerly where nothing is captured, as long as
+        # padding one row to another's length does not run off its slot.
+        together = len(items) == 1 or (self.batch_prefill and last_start + longest <= self.max_len
+                                       and (graph is not None or not self.use_cuda_graphs))
+        if not together:
             return [self.extend(*item) for item in items]
-        if self.use_cuda_graphs:
-            graph = self._batch_extend_graph_for(len(items), longest, last_start)
-            if graph is None:
-                return [self.extend(*item) for item in items]
-        else:
+        if graph is None:  # no CUDA graphs, or one request longer than any captured prefill
             graph = PaddedExtend(self, longest, last_start + longest, len(items))
         embeds = [self.embed(pieces) for _, _, pieces in items]
         logp = graph.run(embeds, [slot for slot, _, _ in items], [start for _, start, _ in items])
@@ -260,17 +249,11 @@ class ModelRunner:
                 return self.graphs[(size, keys)]
         return None
 
-    def _extend_graph_for(self, length: int, start: int) -> _CapturedExtend | None:
-        for size, keys in sorted(self.extend_graphs):
-            if size >= length and keys >= start + size:
-                return self.extend_graphs[(size, keys)]
-        return None
-
-    def _batch_extend_graph_for(self, batch: int, length: int, last_start: int) -> _CapturedExtend | None:
+    def _extend_graph_for(self, batch: int, length: int, last_start: int) -> _CapturedExtend | None:
         # Every row's padded inputs must stay inside the attended (and cached) positions.
-        for rows, size, keys in sorted(self.batch_extend_graphs):
+        for rows, size, keys in sorted(self.extend_graphs):
             if rows >= batch and size >= length and keys >= last_start + size:
-                return self.batch_extend_graphs[(rows, size, keys)]
+                return self.extend_graphs[(rows, size, keys)]
         return None
 
     def key_buckets(self) -> list[int]:
@@ -290,18 +273,15 @@ class ModelRunner:
                 self.graphs[(size, keys)] = _CapturedDecode(self, size, keys, pool)
         log.info("captured %d decode CUDA graphs: batch %s x context %s", len(self.graphs),
                  batch_ladder(max_batch), self.key_buckets())
-        for size in sorted(length_buckets(self.max_len), reverse=True):
-            for keys in sorted(self.key_buckets(), reverse=True):
-                if keys >= size:
-                    self.extend_graphs[(size, keys)] = _CapturedExtend(self, size, keys, pool)
-        log.info("captured %d prefill CUDA graphs: length %s x context %s", len(self.extend_graphs),
-                 length_buckets(self.max_len), self.key_buckets())
-        batches = [b for b in PREFILL_BATCHES if b <= max_batch]
-        lengths = [n for n in length_buckets(self.max_len) if n <= MAX_BATCHED_PREFILL]
-        for rows in batches:
-            for size in lengths:
-                for keys in self.key_buckets():
+        # One request up to the longest length bucket; requests arriving together up to MAX_BATCHED_PREFILL each.
+        batches = [1] + [b for b in PREFILL_BATCHES if b <= max_batch]
+        for rows in sorted(batches, reverse=True):
+            for size in sorted(length_buckets(self.max_len), reverse=True):
+                if rows > 1 and size > MAX_BATCHED_PREFILL:
+                    continue
+                for keys in sorted(self.key_buckets(), reverse=True):
                     if keys >= size:
-                        self.batch_extend_graphs[(rows, size, keys)] = _CapturedExtend(self, size, keys, pool, rows)
-        log.info("captured %d batched prefill CUDA graphs: batch %s x length %s x context %s",
-                 len(self.batch_extend_graphs), batches, lengths, self.key_buckets())
+                        self.extend_graphs[(rows, size, keys)] = _CapturedExtend(self, size, keys, pool, rows)
+        log.info("captured %d prefill CUDA graphs: requests %s x length %s (at most %d for several) x context %s",
+                 len(self.extend_graphs), batches, length_buckets(self.max_len), MAX_BATCHED_PREFILL,
+                 self.key_buckets())

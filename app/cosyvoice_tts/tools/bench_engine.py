@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                check_encoder_graphs),
               ("hift_graph", engine.hift_graphs is not None, check_hift_graphs),
               ("prefill_graph", bool(engine.runner.extend_graphs), check_prefill_graphs),
-              ("batched_prefill_vs_single", bool(engine.runner.batch_extend_graphs), check_batched_prefill),
+              ("batched_prefill_vs_single", any(rows > 1 for rows, _, _ in engine.runner.extend_graphs),
+               check_batched_prefill),
               ("paged_flow_vs_rerun", engine.paged_flow is not None,
                lambda e: check_paged_flow(e, args.text, args.voice)))
     for name, applies, check in checks:
