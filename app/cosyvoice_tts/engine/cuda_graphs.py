@@ -9,11 +9,16 @@ import torch
 T = TypeVar("T")
 
 
+def smallest_at_least(sizes, value: int) -> int | None:
+    """The smallest of `sizes` that holds `value`; None past the largest."""
+    fitting = [s for s in sizes if s >= value]
+    return min(fitting) if fitting else None
+
+
 def bucket_for(batch_sizes: list[int], lengths: list[int], batch: int, length: int) -> tuple[int, int] | None:
     """The smallest (batch, length) bucket that holds a call of this size; None past the largest."""
-    rows = [b for b in batch_sizes if b >= batch]
-    sizes = [n for n in lengths if n >= length]
-    return (min(rows), min(sizes)) if rows and sizes else None
+    rows, size = smallest_at_least(batch_sizes, batch), smallest_at_least(lengths, length)
+    return (rows, size) if rows is not None and size is not None else None
 
 
 def buckets_within(batch_sizes: list[int], lengths: list[int], frame_rows: int) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cuda_graphs import capture_graph
+from .cuda_graphs import capture_graph, smallest_at_least
 from .modules.flow import FlowBatch
 from .modules.flow_cfm import euler_times
 from .modules.flow_paged import EstimatorMemory, PagedTables, paged_euler_step
@@ -48,11 +48,6 @@ class PagedRow:
     start: int
     commit: int
     end: int
-
-
-def _smallest_at_least(sizes, value: int) -> int | None:
-    fitting = [s for s in sizes if s >= value]
-    return min(fitting) if fitting else None
 
 
 class StepRunner:
@@ -177,9 +172,9 @@ class PagedFlow:
 
     # --- shapes -------------------------------------------------------------------------------
     def bucket(self, batch: int, frames: int, past_pages: int) -> tuple[int, int, int] | None:
-        rows = _smallest_at_least(self.batch_sizes, batch)
-        width = _smallest_at_least(self.frame_sizes, frames)
-        past = _smallest_at_least(self.past_sizes, past_pages)
+        rows = smallest_at_least(self.batch_sizes, batch)
+        width = smallest_at_least(self.frame_sizes, frames)
+        past = smallest_at_least(self.past_sizes, past_pages)
         if rows is None or width is None or past is None or (past and width > self.max_later_frames):
             return None
         return rows, width, past
