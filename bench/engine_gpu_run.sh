@@ -4,7 +4,10 @@
 # alone vs among 31 others) and (RERUN_LEVELS=8,32) levels of the same engine with the flow re-running each prefix,
 # then the per-request path at 8 streams (SKIP_UNBATCHED=1: not). LM_SMS=N: the engine's --lm-sms (SMs kept for
 # the LM); FLOW_MEMORY_GIB: its --flow-memory-gib (0: no incremental flow pool, and none of its graphs to capture);
-# SINGLE_PREFILL_LEVELS=32,48: those levels again with prefills one request at a time.
+# SINGLE_PREFILL_LEVELS=32,48: those levels again with prefills one request at a time. Levels run with staggered
+# arrivals (bench_engine's --arrivals; ARRIVALS=burst: all users at once); BURST_LEVELS=32: those levels again with
+# all users starting at once; DEFAULT_SWITCH_LEVELS=32: again with Python's default GIL switch interval;
+# SCHEDULING_LEVELS=32:none,32:fit: again with those vocoder policies (bench_engine --scheduling-levels).
 #   bench/engine_gpu_run.sh OUT_DIR [CONCURRENCY] [DURATION]
 # Needs python3 with torch (CUDA); unpacks carry/bench_site/site.tar.xz for the packages such an image lacks.
 set -euo pipefail
@@ -29,6 +32,9 @@ python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --
     --max-sessions "$sessions" --check-batch-invariance "$others" --rerun-levels "${RERUN_LEVELS:-}" \
     ${LM_SMS:+--lm-sms "$LM_SMS"} ${FLOW_MEMORY_GIB:+--flow-memory-gib "$FLOW_MEMORY_GIB"} \
     ${SINGLE_PREFILL_LEVELS:+--single-prefill-levels "$SINGLE_PREFILL_LEVELS"} \
+    ${ARRIVALS:+--arrivals "$ARRIVALS"} ${BURST_LEVELS:+--burst-levels "$BURST_LEVELS"} \
+    ${DEFAULT_SWITCH_LEVELS:+--default-switch-levels "$DEFAULT_SWITCH_LEVELS"} \
+    ${SCHEDULING_LEVELS:+--scheduling-levels "$SCHEDULING_LEVELS"} \
     --out "$out/batched.json" 2>&1 | grep -v -e Warning -e warn | tee "$out/batched.log"
 if [ -z "${SKIP_UNBATCHED:-}" ]; then
     python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --concurrency 8 \

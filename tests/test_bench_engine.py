@@ -3,8 +3,10 @@ has what docs/performance.md quotes (the paged flow against the re-run, stage ti
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import torch
 
 from cosyvoice_tts.tools import bench_engine
 
@@ -20,20 +22,67 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
     code = bench_engine.main(["--model-dir", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32",
                               "--concurrency", "1", "--duration", "1", "--max-sessions", "2",
                               "--stage-times", "1x28,1x90L", "--rerun-levels", "1", "--paged-from-frames", "0",
-                              "--single-prefill-levels", "2",
-                              "--out", str(out)])
+                              "--single-prefill-levels", "2", "--burst-levels", "2", "--default-switch-levels", "1",
+                              "--ramp", "0.5", "--out", str(out)])
     assert code in (0, None)
     report = json.loads(out.read_text())
     assert report["paged_flow_vs_rerun_max_abs_diff"] < 1e-4
     assert report["flow_memory_pages"] > 0
     stages = {(row["flow"], row["chunk"]) for row in report["vocoder_stage_ms"]}
     assert stages == {("paged", "first"), ("paged", "last"), ("rerun", "first"), ("rerun", "last")}
-    assert [(level["concurrency"], level["flow"], level["prefill"]) for level in report["levels"]] == \
-        [(1, "paged", "batched"), (1, "rerun", "batched"), (2, "paged", "single")]
-    paged_level, rerun_level, single_level = report["levels"]
+    assert [(level["concurrency"], level["flow"], level["prefill"], level["arrivals"]) for level in report["levels"]] \
+        == [(1, "paged", "batched", "staggered"), (1, "rerun", "batched", "staggered"),
+            (2, "paged", "single", "staggered"), (2, "paged", "batched", "burst"),
+            (1, "paged", "batched", "staggered")]
+    paged_level, rerun_level, single_level, burst_level, switch_level = report["levels"]
+    # Staggered levels count only what was submitted after the ramp; a burst counts from the start.
+    assert paged_level["warmup_requests"] >= 1 and burst_level["warmup_requests"] == 0
+    assert switch_level["gil_switch_interval_s"] == bench_engine.DEFAULT_SWITCH_INTERVAL_S
+    assert paged_level["gil_switch_interval_s"] < switch_level["gil_switch_interval_s"]
     # One stream alone: its first chunk's 28 tokens (25 + 3 lookahead) took 28 engine steps (prefill included).
     assert paged_level["first_chunk_lm_steps_p50"] == 28 and paged_level["first_chunk_lm_ms_per_step_p50"] > 0
     assert not single_level["errors"] and single_level["requests"] >= 2
     assert paged_level["engine"]["flow_paged_eager_calls"] > 0  # on the CPU every call is eager
     assert rerun_level["engine"]["flow_paged_graphed_calls"] + rerun_level["engine"]["flow_paged_eager_calls"] == 0
     assert not paged_level["errors"] and not rerun_level["errors"]
+
+
+def test_staggered_users_start_over_the_ramp_and_count_after_it(monkeypatch):
+    submitted: list[tuple[int, float]] = []
+    started = time.monotonic()
+
+    def fake_request(engine, text, seed, voice):
+        submitted.append((seed // 1000, time.monotonic() - started))
+        time.sleep(0.05)
+        return {"first_chunk_ms": 10.0, "audio_s": 1.0, "wall_s": 0.05, "rtf": 0.05, "stall_s": 0.0,
+                "chunks": 1, "outcome": "ok"}
+
+    monkeypatch.setattr(bench_engine, "run_request", fake_request)
+
+    class CpuEngine:
+        device = torch.device("cpu")
+
+    summary = bench_engine.run_level(CpuEngine(), 4, 0.3, "text", "voice", arrivals="staggered", ramp_s=0.4)
+    first_by_user = {}
+    for user, at in submitted:
+        first_by_user.setdefault(user, at)
+    # user i's first request comes i/4 of the ramp after the start
+    for user, at in first_by_user.items():
+        assert at == pytest.approx(0.1 * user, abs=0.04)
+    assert summary["warmup_requests"] + summary["requests"] == len(submitted)
+    assert summary["warmup_requests"] > 0 and summary["requests"] > 0
+    with pytest.raises(ValueError):
+        bench_engine.run_level(CpuEngine(), 1, 0.1, "text", "voice", arrivals="sometimes")
+
+
+def test_scheduling_levels_name_the_vocoder_policies():
+    from cosyvoice_tts.engine.scheduler import SchedulerConfig
+
+    assert bench_engine.parse_scheduling_levels("32:none,,48:fit+hold") == [(32, "none"), (48, "fit+hold")]
+    with pytest.raises(ValueError):
+        bench_engine.parse_scheduling_levels("32:fastest")
+    base = SchedulerConfig()
+    none = bench_engine.scheduling_config(base, "none")
+    assert (none.fit_batches, none.hold_ahead_s) == (False, None)
+    both = bench_engine.scheduling_config(none, "fit+hold")
+    assert both.fit_batches and both.hold_ahead_s == SchedulerConfig.hold_ahead_s

@@ -103,3 +103,62 @@ def test_stream_caches_are_copies_not_views_of_the_flow_output(tiny_model_dir):
     flow.buffer.normal_()  # the next replay
     for before, now in zip(kept, (state.hift_mel, state.hift_source, state.hift_speech)):
         assert torch.equal(before, now)
+
+
+def waiting(can: bool):
+    return SimpleNamespace(stats=SimpleNamespace(first_chunk_at=1.0), can=can)
+
+
+def test_a_batch_is_cut_to_a_graph_size_when_what_is_cut_can_wait():
+    items = [waiting(True) for _ in range(6)]
+    # 6 rows would run padded to 8: the two least urgent wait for the next batch instead.
+    batch = pick_vocoder_batch(items, [100] * 6, 8192, ladder_shape, lambda r: r.can)
+    assert batch == items[:4]
+
+
+def test_a_batch_is_padded_rather_than_cut_when_a_cut_chunk_is_urgent():
+    items = [waiting(True) for _ in range(4)] + [waiting(False)]
+    assert pick_vocoder_batch(items, [100] * 5, 8192, ladder_shape, lambda r: r.can) == items
+    # without the policy, as before: everything that fits the budget
+    assert pick_vocoder_batch([waiting(True) for _ in range(3)], [100] * 3, 8192, ladder_shape) != []
+
+
+def test_can_wait_means_started_with_audio_to_spare():
+    from cosyvoice_tts.engine.scheduler import STALL_GUARD_S, can_wait
+
+    assert can_wait(started(STALL_GUARD_S + 0.1), 100.0)
+    assert not can_wait(started(STALL_GUARD_S - 0.1), 100.0)
+    assert not can_wait(ready(True), 100.0)
+
+
+def stream_request(*, first_chunk_at=None, ahead_s=0.0, chunk_ready=True, vocoded_first=True):
+    """A request as Scheduler.plan sees it: no LM input pending, a stream with or without a chunk ready."""
+    import time
+
+    now = time.monotonic()
+    stats = SimpleNamespace(first_chunk_at=None, audio_samples=0,
+                            first_vocode_at=now - 1.0 if vocoded_first else None)
+    if first_chunk_at is not None:
+        stats.first_chunk_at = now - first_chunk_at
+        stats.audio_samples = int((first_chunk_at + ahead_s) * 100)
+    return SimpleNamespace(program=None, vocoding=False, sample_rate=100, stats=stats,
+                           stream=SimpleNamespace(has_chunk=lambda: chunk_ready))
+
+
+def test_chunks_with_audio_to_spare_wait_while_a_request_produces_its_first_chunk():
+    from cosyvoice_tts.engine.scheduler import Scheduler, SchedulerConfig
+
+    comfortable = stream_request(first_chunk_at=5.0, ahead_s=3.0)
+    new = stream_request(chunk_ready=False, vocoded_first=False)
+    scheduler = Scheduler()
+    assert scheduler.plan([comfortable, new]).chunks == []
+    # nobody is producing a first chunk: the vocoder may take it
+    assert scheduler.plan([comfortable]).chunks == [comfortable]
+    # a stream running low starts the batch, and the comfortable one rides along
+    low = stream_request(first_chunk_at=5.0, ahead_s=0.3)
+    assert scheduler.plan([comfortable, new, low]).chunks == [low, comfortable]
+    # a ready first chunk starts it too
+    first = stream_request(vocoded_first=False)
+    assert scheduler.plan([comfortable, new, first]).chunks == [first, comfortable]
+    # the policy off
+    assert Scheduler(SchedulerConfig(hold_ahead_s=None)).plan([comfortable, new]).chunks == [comfortable]

@@ -29,7 +29,7 @@ from .modules import pointwise
 from .modules.flow_paged import EstimatorMemory
 from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, make_generator
-from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, pick_vocoder_batch
+from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, can_wait, pick_vocoder_batch
 from .sm_partition import SmPartition, split_streams
 from .token2wav import PAGED_FROM_FRAMES, StreamConfig, StreamState, Token2Wav
 from .vocoder_worker import VocoderWorker
@@ -591,8 +591,10 @@ class Engine:
         by_request = dict(zip(map(id, ready), chunks))
         frames = [r.stream.flow_frames(c) for r, c in zip(ready, chunks)]
         shape = self.flow_graphs.padded_shape if self.flow_graphs is not None else (lambda n, f: (n, f))
-        chosen = pick_vocoder_batch(ready, frames, self.scheduler.config.max_vocoder_frames, shape)
         now = time.monotonic()
+        config = self.scheduler.config
+        chosen = pick_vocoder_batch(ready, frames, config.max_vocoder_frames, shape,
+                                    (lambda r: can_wait(r, now)) if config.fit_batches else None)
         batch = []
         for request in chosen:
             request.vocoding = True

@@ -4,6 +4,13 @@ Every step: one LM forward for every request that can decode (batched; prompts a
 through `extend` within a token budget), then the vocoder chunks that are due. Streaming first: a request still
 waiting for its first audio goes ahead of streams that already have audio buffered, and among the others the
 one with the least audio ahead of playback goes first, so no stream starves.
+
+The LM and the vocoder share one GPU, and under load the vocoder keeps it busy most of the time. A new request's
+first chunk waits on 28 LM steps, each slowed by whatever vocoder batch runs beside it. So while requests are
+still producing their first chunk's tokens, a batch of nothing but chunks for streams with audio to spare is not
+started (`hold_ahead_s`); it waits until a first chunk or a stream running low starts a batch, and then rides
+along. And a batch is not padded up to the next CUDA-graph batch size for chunks that can wait: those go in the
+next batch instead of costing padded rows in this one (`fit_batches`).
 """
 from __future__ import annotations
 
@@ -30,6 +37,11 @@ class SchedulerConfig:
     max_decode_batch: int | None = None  # None: every runnable request decodes each step (1: per-request path)
     # Padded batch x mel frames per flow call: bounds how long one vocoder batch keeps the next first chunk waiting.
     max_vocoder_frames: int = 8192
+    # While a request is producing its first chunk's tokens, chunks of streams with at least this much audio
+    # buffered ahead of playback do not start a vocoder batch by themselves (None: they always may).
+    hold_ahead_s: float | None = 1.0
+    # Trim a vocoder batch to the graph batch size below it when the trimmed chunks can wait (see the module doc).
+    fit_batches: bool = True
 
 
 def is_single_speech_token(request: Request) -> bool:
@@ -89,26 +101,57 @@ class Scheduler:
         ready = [r for r in active
                  if r.stream is not None and not r.vocoding and r.stream.has_chunk()]
         ready.sort(key=lambda r: chunk_priority(r, now))
+        if ready and self._hold(active, ready, now):
+            ready = []
         plan.chunks = ready[:1] if self.config.max_decode_batch == 1 else ready
         return plan
 
+    def _hold(self, active: list[Request], ready: list[Request], now: float) -> bool:
+        """Whether the ready chunks (priority order) should wait: none is a first chunk or short of
+        `hold_ahead_s` of buffered audio, and some request is still producing its first chunk's tokens."""
+        hold = self.config.hold_ahead_s
+        head = ready[0]
+        if hold is None or head.stats.first_chunk_at is None or audio_ahead_s(head, now) < hold:
+            return False
+        return any(producing_first_chunk(r) for r in active)
 
-def pick_vocoder_batch(ready: list[Request], frames: list[int], budget: int, shape) -> list[Request]:
+
+def producing_first_chunk(request: Request) -> bool:
+    """Still decoding the tokens of its first chunk (not yet handed to the vocoder, not yet ready for it)."""
+    return (request.stats.first_vocode_at is None and request.stream is not None and not request.vocoding
+            and not request.stream.has_chunk())
+
+
+def can_wait(request: Request, now: float) -> bool:
+    """A chunk whose stream has audio enough to wait one more vocoder batch."""
+    return request.stats.first_chunk_at is not None and audio_ahead_s(request, now) >= STALL_GUARD_S
+
+
+def pick_vocoder_batch(ready: list[Request], frames: list[int], budget: int, shape, can_wait=None) -> list[Request]:
     """The next vocoder batch from `ready` (in priority order) with each one's flow frames.
 
     A batch costs its padded shape, `shape(n, longest) -> (n', frames')` (the CUDA-graph bucket it runs in), and
     stays within `budget` padded frame-rows, the head always included. When the head is a first chunk, only chunks
-    that fit its frame bucket join it: a short first chunk is never padded up to a long prefix's length."""
+    that fit its frame bucket join it: a short first chunk is never padded up to a long prefix's length.
+    `can_wait(request)`: if given, a batch that its graph would pad is cut to the largest size that needs no padding
+    when every chunk cut off can wait (they are the last in priority order)."""
     head_bucket = shape(1, frames[0])[1]
     cap = head_bucket if ready[0].stats.first_chunk_at is None else None
     chosen: list[Request] = []
-    longest = 0
+    lengths: list[int] = []
     for request, length in zip(ready, frames):
         if chosen and cap is not None and length > cap:
             continue
-        rows, padded = shape(len(chosen) + 1, max(longest, length))
+        rows, padded = shape(len(chosen) + 1, max(lengths + [length]))
         if chosen and rows * padded > budget:
             continue
         chosen.append(request)
-        longest = max(longest, length)
-    return chosen
+        lengths.append(length)
+    if can_wait is None:
+        return chosen
+    for size in range(len(chosen), 0, -1):
+        if shape(size, max(lengths[:size]))[0] == size:
+            break
+        if not can_wait(chosen[size - 1]):
+            return chosen  # an urgent chunk would be cut: pad instead
+    return chosen[:size]

@@ -7,15 +7,23 @@ Each concurrency level runs N closed-loop users for --duration seconds: each use
 request, reads its audio as it comes, and submits the next when it ends. Latency is from submission (the
 whole text is known then, i.e. "after end of text"). A stall is time a listener playing from the first chunk
 would have spent waiting: a chunk arriving after the audio before it had already played out.
+
+Arrivals: by default ("staggered") the users start one after another, evenly over --ramp seconds, and only
+requests submitted after the ramp count, so a level measures N streams in steady state. Every request here has
+the same text and length, so users that start together stay in step: with "burst" (all start at once, every
+request counted; the bench before 2026-11-28) a level measures N requests arriving at the same instant, again
+and again, the worst case of N streams.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -58,18 +66,28 @@ def run_request(engine: Engine, text: str, seed: int, voice: str) -> dict:
             **request.first_chunk_phases()}
 
 
-def run_level(engine: Engine, users: int, duration: float, text: str, voice: str) -> dict:
+def run_level(engine: Engine, users: int, duration: float, text: str, voice: str, arrivals: str = "staggered",
+              ramp_s: float = 2.0) -> dict:
+    """`duration` seconds of requests after the ramp (staggered) or from the start (burst); see the module doc."""
+    if arrivals not in ("staggered", "burst"):
+        raise ValueError(f"arrivals must be staggered or burst, not {arrivals!r}")
     results: list[dict] = []
+    warmup: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
-    deadline = time.monotonic() + duration
+    ramp = ramp_s if arrivals == "staggered" else 0.0
+    start = time.monotonic()
+    measured_from = start + ramp
+    deadline = measured_from + duration
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
 
     def user(index: int) -> None:
         seed = index * 1000
+        time.sleep(max(0.0, start + ramp * index / users - time.monotonic()))
         while time.monotonic() < deadline:
             seed += 1
+            counted = time.monotonic() >= measured_from
             try:
                 outcome = run_request(engine, text, seed, voice)
             except EngineError as exc:
@@ -78,7 +96,7 @@ def run_level(engine: Engine, users: int, duration: float, text: str, voice: str
                 time.sleep(0.05)
                 continue
             with lock:
-                results.append(outcome)
+                (results if counted else warmup).append(outcome)
 
     started = time.monotonic()
     threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(users)]
@@ -86,12 +104,13 @@ def run_level(engine: Engine, users: int, duration: float, text: str, voice: str
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - started
+    wall = time.monotonic() - max(started, measured_from)
     firsts = [r["first_chunk_ms"] for r in results if r["first_chunk_ms"] is not None]
     audio = sum(r["audio_s"] for r in results)
     stalled = [r for r in results if r["stall_s"] > 0.05]
     summary = {
-        "concurrency": users, "requests": len(results), "errors": errors, "wall_s": round(wall, 2),
+        "concurrency": users, "arrivals": arrivals, "requests": len(results), "warmup_requests": len(warmup),
+        "errors": errors, "wall_s": round(wall, 2),
         "first_chunk_ms_p50": percentile(firsts, 50), "first_chunk_ms_p95": percentile(firsts, 95),
         "first_chunk_ms_max": max(firsts) if firsts else None,
         "rtf_p50": percentile([r["rtf"] for r in results if r["rtf"]], 50),
@@ -102,7 +121,8 @@ def run_level(engine: Engine, users: int, duration: float, text: str, voice: str
     # Where the first chunk's time went (p50 of each part): LM tokens, wait for the vocoder, flow + HiFT.
     for part in ("lm", "queue", "vocoder"):
         key = f"first_chunk_{part}_ms"
-        summary[f"{key}_p50"] = percentile([r[key] for r in results if key in r], 50)
+        for q in (50, 95):
+            summary[f"{key}_p{q}"] = percentile([r[key] for r in results if key in r], q)
     # The LM part in engine steps, and what each cost: the steps a request sat out, or a slow loop?
     steps = [r for r in results if r.get("first_chunk_lm_steps")]
     summary["first_chunk_lm_steps_p50"] = percentile([r["first_chunk_lm_steps"] for r in steps], 50)
@@ -374,6 +394,46 @@ def parse_stage_shapes(text: str) -> list[tuple[int, int, bool]]:
     return shapes
 
 
+DEFAULT_SWITCH_INTERVAL_S = 0.005  # Python's own, against the 0.1 ms the engine's loop sets
+
+
+@dataclass(frozen=True)
+class LevelRun:
+    users: int
+    flow: str  # "paged" (from the engine's switch point) or "rerun" (every chunk re-runs its prefix)
+    batch_prefill: bool = True
+    arrivals: str = "staggered"
+    switch_interval: float | None = None  # the GIL switch interval for the level; None: as the engine set it
+    scheduling: str | None = None  # vocoder policies for the level (see scheduling_config); None: the engine's
+
+
+SCHEDULING = {"none": (False, False), "fit": (True, False), "hold": (False, True), "fit+hold": (True, True)}
+
+
+def scheduling_config(config: SchedulerConfig, policy: str) -> SchedulerConfig:
+    """`config` with the vocoder policies named (scheduler.py): "none", "fit", "hold" or "fit+hold"."""
+    if policy not in SCHEDULING:
+        raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {policy!r}")
+    fit, hold = SCHEDULING[policy]
+    return replace(config, fit_batches=fit,
+                   hold_ahead_s=(config.hold_ahead_s or SchedulerConfig.hold_ahead_s) if hold else None)
+
+
+def parse_scheduling_levels(text: str) -> list[tuple[int, str]]:
+    """"32:none,32:fit" -> [(32, "none"), (32, "fit")]."""
+    runs = []
+    for item in filter(None, text.split(",")):
+        users, _, policy = item.partition(":")
+        if policy not in SCHEDULING:
+            raise ValueError(f"{item!r}: expected LEVEL:POLICY with POLICY one of {', '.join(SCHEDULING)}")
+        runs.append((int(users), policy))
+    return runs
+
+
+def parse_levels(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
@@ -405,14 +465,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun-levels", default="",
                         help="after the levels, these concurrencies again with every chunk re-running its prefix "
                              "(upstream's flow), same engine, for side-by-side ratios")
+    parser.add_argument("--arrivals", default="staggered", choices=["staggered", "burst"],
+                        help="staggered: users start evenly over --ramp and requests count after it; burst: all "
+                             "start at once and every request counts (see the module doc)")
+    parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which staggered users start")
+    parser.add_argument("--burst-levels", default="",
+                        help="after the levels, these concurrencies again with every user starting at once")
+    parser.add_argument("--default-switch-levels", default="",
+                        help="after the levels, these concurrencies again with Python's default GIL switch interval "
+                             "(5 ms) instead of the engine's 0.1 ms: how much the LM loop and the vocoder thread "
+                             "wait on each other for the GIL")
+    parser.add_argument("--scheduling-levels", default="",
+                        help="after the levels, LEVEL:POLICY runs with the vocoder policies of scheduler.py set: "
+                             "none, fit, hold or fit+hold (e.g. 32:none,32:fit)")
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,16x28,16x253L (batch x tokens; "
                              "L: the last chunk of a stream that long, after its earlier chunks)")
     args = parser.parse_args(argv)
 
-    levels = [int(x) for x in args.concurrency.split(",")]
+    levels = parse_levels(args.concurrency)
     max_sessions = args.max_sessions or max(levels)
-    scheduler = SchedulerConfig(max_decode_batch=1) if args.unbatched else None
+    # The per-request path as upstream runs it: one request's step at a time, chunks vocoded in arrival order.
+    scheduler = SchedulerConfig(max_decode_batch=1, hold_ahead_s=None, fit_batches=False) if args.unbatched else None
     t0 = time.monotonic()
     engine = Engine.load(args.model_dir, device=args.device, dtype=args.dtype, max_sessions=max_sessions,
                          use_cuda_graphs=not args.unbatched, scheduler_config=scheduler,
@@ -462,23 +536,42 @@ def main(argv: list[str] | None = None) -> int:
             "vocoder_s", "vocoder_batches", "vocoder_items", "flow_graphed_calls", "flow_eager_calls",
             "flow_paged_graphed_calls", "flow_paged_eager_calls", "flow_paged_fallbacks", "encoder_graphed_calls",
             "encoder_eager_calls", "hift_graphed_calls", "hift_eager_calls")
-    rerun_levels = [int(x) for x in args.rerun_levels.split(",") if x] if engine.paged_flow is not None else []
-    single_levels = [int(x) for x in args.single_prefill_levels.split(",") if x]
     paged = engine.paged_flow
     default_flow = "paged" if paged is not None else "rerun"
-    # After the levels, the same engine with every chunk re-running its prefix (upstream's flow), and with
-    # prefills one request at a time, for side-by-side ratios.
-    runs = [(u, default_flow, True) for u in levels] + [(u, "rerun", True) for u in rerun_levels] + \
-        [(u, default_flow, False) for u in single_levels]
-    for users, flow_mode, batch_prefill in runs:
-        with flow_setting(engine, paged if flow_mode == "paged" else None, engine.token2wav.paged_from_frames):
-            engine.runner.batch_prefill = batch_prefill
+    runs = [LevelRun(u, default_flow, arrivals=args.arrivals) for u in levels]
+    # After the levels, the same engine with one thing changed, for side-by-side ratios: every chunk re-running its
+    # prefix (upstream's flow), prefills one request at a time, every user starting at once, the GIL's default
+    # switch interval.
+    if paged is not None:
+        runs += [LevelRun(u, "rerun", arrivals=args.arrivals) for u in parse_levels(args.rerun_levels)]
+    runs += [LevelRun(u, default_flow, batch_prefill=False, arrivals=args.arrivals)
+             for u in parse_levels(args.single_prefill_levels)]
+    runs += [LevelRun(u, default_flow, arrivals="burst") for u in parse_levels(args.burst_levels)]
+    runs += [LevelRun(u, default_flow, arrivals=args.arrivals, switch_interval=DEFAULT_SWITCH_INTERVAL_S)
+             for u in parse_levels(args.default_switch_levels)]
+    runs += [LevelRun(u, default_flow, arrivals=args.arrivals, scheduling=policy)
+             for u, policy in parse_scheduling_levels(args.scheduling_levels)]
+    engine_scheduling = engine.scheduler.config
+    for run in runs:
+        switch = sys.getswitchinterval()
+        if run.scheduling is not None:
+            engine.scheduler.config = scheduling_config(engine_scheduling, run.scheduling)
+        with flow_setting(engine, paged if run.flow == "paged" else None, engine.token2wav.paged_from_frames):
+            engine.runner.batch_prefill = run.batch_prefill
+            if run.switch_interval is not None:
+                sys.setswitchinterval(run.switch_interval)
             before = engine.stats()
-            summary = run_level(engine, users, args.duration, args.text, args.voice)
-            after = engine.stats()
-            engine.runner.batch_prefill = True
-        summary["flow"] = flow_mode
-        summary["prefill"] = "batched" if batch_prefill else "single"
+            try:
+                summary = run_level(engine, run.users, args.duration, args.text, args.voice, run.arrivals, args.ramp)
+            finally:
+                after = engine.stats()
+                engine.runner.batch_prefill = True
+                sys.setswitchinterval(switch)
+                engine.scheduler.config = engine_scheduling
+        summary["flow"] = run.flow
+        summary["prefill"] = "batched" if run.batch_prefill else "single"
+        summary["gil_switch_interval_s"] = run.switch_interval or switch
+        summary["scheduling"] = run.scheduling or "engine"
         summary["engine"] = {k: round(after[k] - before[k], 3) for k in keys if k in after}
         if "flow_memory_pages_free" in after:
             summary["engine"]["flow_memory_pages_free_after"] = after["flow_memory_pages_free"]
