@@ -23,7 +23,9 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
                               "--concurrency", "1", "--duration", "1", "--max-sessions", "2",
                               "--stage-times", "1x28,1x90L", "--rerun-levels", "1", "--paged-from-frames", "0",
                               "--single-prefill-levels", "2", "--burst-levels", "2", "--default-switch-levels", "1",
-                              "--ramp", "0.5", "--out", str(out)])
+                              # no ramp: on a slow CPU a level's first request could outlast it (the ramp's
+                              # counting is tested below with stand-in requests)
+                              "--ramp", "0", "--out", str(out)])
     assert code in (0, None)
     report = json.loads(out.read_text())
     assert report["paged_flow_vs_rerun_max_abs_diff"] < 1e-4
@@ -35,8 +37,7 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
             (2, "paged", "single", "staggered"), (2, "paged", "batched", "burst"),
             (1, "paged", "batched", "staggered")]
     paged_level, rerun_level, single_level, burst_level, switch_level = report["levels"]
-    # Staggered levels count only what was submitted after the ramp; a burst counts from the start.
-    assert paged_level["warmup_requests"] >= 1 and burst_level["warmup_requests"] == 0
+    assert burst_level["warmup_requests"] == 0 and not burst_level["errors"]
     assert switch_level["gil_switch_interval_s"] == bench_engine.DEFAULT_SWITCH_INTERVAL_S
     assert paged_level["gil_switch_interval_s"] < switch_level["gil_switch_interval_s"]
     # One stream alone: its first chunk's 28 tokens (25 + 3 lookahead) took 28 engine steps (prefill included).

@@ -127,14 +127,14 @@ def can_wait(request: Request, now: float) -> bool:
     return request.stats.first_chunk_at is not None and audio_ahead_s(request, now) >= STALL_GUARD_S
 
 
-def pick_vocoder_batch(ready: list[Request], frames: list[int], budget: int, shape, can_wait=None) -> list[Request]:
+def pick_vocoder_batch(ready: list[Request], frames: list[int], budget: int, shape, may_cut=None) -> list[Request]:
     """The next vocoder batch from `ready` (in priority order) with each one's flow frames.
 
     A batch costs its padded shape, `shape(n, longest) -> (n', frames')` (the CUDA-graph bucket it runs in), and
     stays within `budget` padded frame-rows, the head always included. When the head is a first chunk, only chunks
     that fit its frame bucket join it: a short first chunk is never padded up to a long prefix's length.
-    `can_wait(request)`: if given, a batch that its graph would pad is cut to the largest size that needs no padding
-    when every chunk cut off can wait (they are the last in priority order)."""
+    `may_cut(request)`: if given, a batch that its graph would pad is cut to the largest size that needs no padding
+    when every chunk cut off may wait for the next batch (they are the last in priority order)."""
     head_bucket = shape(1, frames[0])[1]
     cap = head_bucket if ready[0].stats.first_chunk_at is None else None
     chosen: list[Request] = []
@@ -147,11 +147,11 @@ def pick_vocoder_batch(ready: list[Request], frames: list[int], budget: int, sha
             continue
         chosen.append(request)
         lengths.append(length)
-    if can_wait is None:
+    if may_cut is None:
         return chosen
     for size in range(len(chosen), 0, -1):
         if shape(size, max(lengths[:size]))[0] == size:
             break
-        if not can_wait(chosen[size - 1]):
+        if not may_cut(chosen[size - 1]):
             return chosen  # an urgent chunk would be cut: pad instead
     return chosen[:size]
