@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [LevelRun(u, default_flow, arrivals=args.arrivals) for u in levels]
     # After the levels, the same engine with one thing changed, for side-by-side ratios: every chunk re-running its
     # prefix (upstream's flow), prefills one request at a time, every user starting at once, the GIL's default
-    # switch interval.
+    # switch interval, other vocoder policies.
     if paged is not None:
         runs += [LevelRun(u, "rerun", arrivals=args.arrivals) for u in parse_levels(args.rerun_levels)]
     runs += [LevelRun(u, default_flow, batch_prefill=False, arrivals=args.arrivals)
