@@ -58,7 +58,7 @@ def chunk_priority(request: Request, now: float) -> tuple[int, float]:
     ahead = audio_ahead_s(request, now)
     if request.stats.first_chunk_at is None:
         return 1, ahead
-    return (0 if ahead < STALL_GUARD_S else 2), ahead
+    return (2 if can_wait(request, now) else 0), ahead
 
 
 def audio_ahead_s(request: Request, now: float) -> float:
@@ -123,7 +123,7 @@ def producing_first_chunk(request: Request) -> bool:
 
 
 def can_wait(request: Request, now: float) -> bool:
-    """A chunk whose stream has audio enough to wait one more vocoder batch."""
+    """A chunk whose stream has audio enough to wait one more vocoder batch (ranked after first chunks)."""
     return request.stats.first_chunk_at is not None and audio_ahead_s(request, now) >= STALL_GUARD_S
 
 

@@ -66,11 +66,14 @@ def run_request(engine: Engine, text: str, seed: int, voice: str) -> dict:
             **request.first_chunk_phases()}
 
 
+ARRIVALS = ("staggered", "burst")  # see the module doc
+
+
 def run_level(engine: Engine, users: int, duration: float, text: str, voice: str, arrivals: str = "staggered",
               ramp_s: float = 2.0) -> dict:
     """`duration` seconds of requests after the ramp (staggered) or from the start (burst); see the module doc."""
-    if arrivals not in ("staggered", "burst"):
-        raise ValueError(f"arrivals must be staggered or burst, not {arrivals!r}")
+    if arrivals not in ARRIVALS:
+        raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
     results: list[dict] = []
     warmup: list[dict] = []
     errors: list[str] = []
@@ -464,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun-levels", default="",
                         help="after the levels, these concurrencies again with every chunk re-running its prefix "
                              "(upstream's flow), same engine, for side-by-side ratios")
-    parser.add_argument("--arrivals", default="staggered", choices=["staggered", "burst"],
+    parser.add_argument("--arrivals", default="staggered", choices=ARRIVALS,
                         help="staggered: users start evenly over --ramp and requests count after it; burst: all "
                              "start at once and every request counts (see the module doc)")
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which staggered users start")
