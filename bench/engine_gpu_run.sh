@@ -8,6 +8,9 @@
 # arrivals (bench_engine's --arrivals; ARRIVALS=burst: all users at once); BURST_LEVELS=32: those levels again with
 # all users starting at once; DEFAULT_SWITCH_LEVELS=32: again with Python's default GIL switch interval;
 # SCHEDULING_LEVELS=32:none,32:fit: again with those vocoder policies (bench_engine --scheduling-levels).
+# PAGED_FROM_FRAMES=0: streams keep their flow memory from the first chunk (--paged-from-frames);
+# PAGED_GRAPH_PAST_PAGES=4: incremental flow graphs only up to that past (--paged-graph-past-pages: less capture);
+# FLOW_LEVELS=32:paged,32:rerun: again with the flow paged or re-running every prefix, in that order.
 #   bench/engine_gpu_run.sh OUT_DIR [CONCURRENCY] [DURATION]
 # Needs python3 with torch (CUDA); unpacks carry/bench_site/site.tar.xz for the packages such an image lacks.
 set -euo pipefail
@@ -35,6 +38,9 @@ python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --
     ${ARRIVALS:+--arrivals "$ARRIVALS"} ${BURST_LEVELS:+--burst-levels "$BURST_LEVELS"} \
     ${DEFAULT_SWITCH_LEVELS:+--default-switch-levels "$DEFAULT_SWITCH_LEVELS"} \
     ${SCHEDULING_LEVELS:+--scheduling-levels "$SCHEDULING_LEVELS"} \
+    ${PAGED_FROM_FRAMES:+--paged-from-frames "$PAGED_FROM_FRAMES"} \
+    ${PAGED_GRAPH_PAST_PAGES:+--paged-graph-past-pages "$PAGED_GRAPH_PAST_PAGES"} \
+    ${FLOW_LEVELS:+--flow-levels "$FLOW_LEVELS"} \
     --out "$out/batched.json" 2>&1 | grep -v -e Warning -e warn | tee "$out/batched.log"
 if [ -z "${SKIP_UNBATCHED:-}" ]; then
     python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --concurrency 8 \

@@ -23,6 +23,7 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
                               "--concurrency", "1", "--duration", "1", "--max-sessions", "2",
                               "--stage-times", "1x28,1x90L", "--rerun-levels", "1", "--paged-from-frames", "0",
                               "--single-prefill-levels", "2", "--burst-levels", "2", "--default-switch-levels", "1",
+                              "--flow-levels", "1:rerun",
                               # no ramp: on a slow CPU a level's first request could outlast it (the ramp's
                               # counting is tested below with stand-in requests)
                               "--ramp", "0", "--out", str(out)])
@@ -35,8 +36,9 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
     assert [(level["concurrency"], level["flow"], level["prefill"], level["arrivals"]) for level in report["levels"]] \
         == [(1, "paged", "batched", "staggered"), (1, "rerun", "batched", "staggered"),
             (2, "paged", "single", "staggered"), (2, "paged", "batched", "burst"),
-            (1, "paged", "batched", "staggered")]
-    paged_level, rerun_level, single_level, burst_level, switch_level = report["levels"]
+            (1, "paged", "batched", "staggered"), (1, "rerun", "batched", "staggered")]
+    paged_level, rerun_level, single_level, burst_level, switch_level, flow_level = report["levels"]
+    assert flow_level["engine"]["flow_paged_graphed_calls"] + flow_level["engine"]["flow_paged_eager_calls"] == 0
     assert burst_level["warmup_requests"] == 0 and not burst_level["errors"]
     assert switch_level["gil_switch_interval_s"] == bench_engine.DEFAULT_SWITCH_INTERVAL_S
     assert paged_level["gil_switch_interval_s"] < switch_level["gil_switch_interval_s"]
@@ -80,6 +82,10 @@ def test_scheduling_levels_name_the_vocoder_policies():
     from cosyvoice_tts.engine.scheduler import SchedulerConfig
 
     assert bench_engine.parse_scheduling_levels("32:none,,48:fit+hold") == [(32, "none"), (48, "fit+hold")]
+    assert bench_engine.parse_named_levels("32:paged,32:rerun", bench_engine.FLOWS, "FLOW") == [(32, "paged"),
+                                                                                              (32, "rerun")]
+    with pytest.raises(ValueError, match="LEVEL:FLOW"):
+        bench_engine.parse_named_levels("32:fast", bench_engine.FLOWS, "FLOW")
     with pytest.raises(ValueError):
         bench_engine.parse_scheduling_levels("32:fastest")
     base = SchedulerConfig()

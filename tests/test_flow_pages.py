@@ -94,6 +94,22 @@ def test_streams_at_different_positions_share_a_call_and_equal_the_rerun(flow, f
     assert paged.free_pages == paged.memory.pages - 1  # every page back once the streams are done
 
 
+def test_streams_opened_on_used_slots_start_from_zero_history(flow):
+    """Slots come back dirty from a finished stream; streams opened on them (two at once, zeroed together at
+    their first call) still equal their re-run."""
+    paged = make_paged(flow, slots=5)  # room for two streams: the second pair must reuse the first pair's slots
+    gen = torch.Generator().manual_seed(13)
+    first = [Stream(request(gen, 2, 20), [9, 20], paged, flow), Stream(request(gen, 0, 20), [7, 20], paged, flow)]
+    for _ in range(2):
+        run_round(flow, paged, first)
+    paged.apply_releases()
+    second = [Stream(request(gen, 0, 24), [8, 17, 24], paged, flow),
+              Stream(request(gen, 3, 24), [10, 24], paged, flow)]
+    assert {s for stream in second for s in stream.pages.slots} == {s for stream in first for s in stream.pages.slots}
+    run_round(flow, paged, second)
+    run_round(flow, paged, second[:1])
+
+
 def test_a_stream_gives_the_same_mel_alone_and_among_others(flow):
     gen = torch.Generator().manual_seed(12)
     req = request(gen, 4, 30)
@@ -140,6 +156,8 @@ def test_buckets_keep_wide_windows_for_first_chunks(flow):
     assert paged.bucket(5, 8, 0) is None
     shapes = paged.shapes_within(64)
     assert (4, 16, 3) in shapes and (4, 24, 0) not in shapes and (1, 96, 0) in shapes and (1, 48, 1) not in shapes
+    capped = paged.shapes_within(64, max_past_pages=2)  # longer pasts are left to run eagerly
+    assert capped == [s for s in shapes if s[2] <= 2] and (4, 16, 3) not in capped and (4, 16, 2) in capped
 
 
 def test_engine_streams_through_the_paged_flow_and_matches_the_rerun(tiny_model_dir):
@@ -174,31 +192,46 @@ def test_engine_streams_through_the_paged_flow_and_matches_the_rerun(tiny_model_
     np.testing.assert_allclose(audio["paged"], audio["rerun"], atol=1e-4)
 
 
-def test_a_stream_re_runs_until_its_prefix_is_long_then_keeps_memory(tiny_model_dir):
-    """The first chunk always re-runs, and so does every chunk while the prefix is at most paged_from_frames;
-    from then on the stream keeps its memory, and gives it back with its last chunk."""
+@pytest.mark.parametrize("from_frames, batched, kept", [
+    # Hops of 25, 50, 100 tokens, then the rest: prefixes of 50 and 150 frames re-run (<= 160), then the memory
+    # starts at frame 0 and keeps everything before the last chunk boundary.
+    (160, True, [None, None, 350, 400]),
+    # 0: a first chunk batched with another keeps its memory already...
+    (0, True, [50, 150, 350, 400]),
+    # ...and one vocoded alone re-runs (the GPU is idle and its listener waits); the next chunk starts the memory.
+    (0, False, [None, 150, 350, 400]),
+])
+def test_a_stream_re_runs_until_its_prefix_is_long_then_keeps_memory(tiny_model_dir, from_frames, batched, kept):
+    """Every chunk re-runs while the prefix is at most paged_from_frames, and a first chunk vocoded alone; from
+    then on the stream keeps its memory, and gives it back with its last chunk."""
     from cosyvoice_tts.engine import Engine
     from cosyvoice_tts.engine.flow_pages import StreamPages
     from cosyvoice_tts.engine.token2wav import StreamState
     from cosyvoice_tts.engine.voices import voice_prompt
 
-    engine = Engine.load(tiny_model_dir, max_sessions=2, paged_from_frames=160)
+    engine = Engine.load(tiny_model_dir, max_sessions=4, paged_from_frames=from_frames)  # pages for both streams
     engine.start()
     try:
         prompt = voice_prompt("sft", engine._voice("中文女"), engine._tokenize, None)
-        state = StreamState(prompt.flow_prompt_speech, prompt.prompt_feat, prompt.embedding, stream=True, speed=1.0,
-                            cfg=engine.stream_config)
-        state.tokens = list(range(100, 300))
-        state.lm_done = True
+
+        def stream() -> StreamState:
+            state = StreamState(prompt.flow_prompt_speech, prompt.prompt_feat, prompt.embedding, stream=True,
+                                speed=1.0, cfg=engine.stream_config)
+            state.tokens = list(range(100, 300))
+            state.lm_done = True
+            return state
+
+        state, companion = stream(), stream()
         seen = []  # (frames of the prefix, memory kept after the chunk)
         while (chunk := state.next_chunk()) is not None:
-            engine.token2wav.run_batch([(state, chunk, torch.Generator().manual_seed(0))])
+            items = [(state, chunk, torch.Generator().manual_seed(0))]
+            if batched:
+                items.append((companion, companion.next_chunk(), torch.Generator().manual_seed(1)))
+            engine.token2wav.run_batch(items)
             memory = state.flow_memory
             seen.append((2 * (len(chunk.tokens) - (0 if chunk.finalize else 3)),
                          memory.kept_frames if isinstance(memory, StreamPages) else None))
-        # Hops of 25, 50, 100 tokens, then the rest: prefixes of 50 and 150 frames re-run (<= 160), then the
-        # memory starts at frame 0 and keeps everything before the last chunk boundary.
-        assert seen == [(50, None), (150, None), (350, 350), (400, 400)]
+        assert seen == list(zip([50, 150, 350, 400], kept))
         assert isinstance(state.flow_memory, StreamPages) and state.flow_memory.released
         engine.paged_flow.apply_releases()
         assert engine.paged_flow.free_pages == engine.paged_flow.memory.pages - 1

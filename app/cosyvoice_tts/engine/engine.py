@@ -49,7 +49,8 @@ class Engine:
                  max_context: int, use_cuda_graphs: bool = True, scheduler_config: SchedulerConfig | None = None,
                  max_graph_frames: int = 1000, gpu_memory_fraction: float | None = None,
                  compile_kernels: bool = True, flow_memory_gib: float | None = None,
-                 paged_from_frames: int = PAGED_FROM_FRAMES, lm_sms: int | None = None):
+                 paged_from_frames: int = PAGED_FROM_FRAMES, lm_sms: int | None = None,
+                 paged_graph_past_pages: int | None = None):
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -100,6 +101,8 @@ class Engine:
                                                  input_dtype=self.flow.input_embedding.weight.dtype)
             self.flow.encoder = self.encoder_graphs
         self.flow_memory_gib = flow_memory_gib  # the pool is sized at start, after the graphs
+        # Incremental flow calls with a longer past run eagerly: fewer graphs to capture at start (each ~0.6 s).
+        self.paged_graph_past_pages = paged_graph_past_pages
         self.paged_flow = self._paged_flow(flow_dtype, max_graph_frames, paged_from_frames)
         self.token2wav = Token2Wav(self.flow, self.hift, device, self.stream_config, flow_dtype, self.paged_flow,
                                    paged_from_frames)
@@ -184,13 +187,15 @@ class Engine:
              scheduler_config: SchedulerConfig | None = None, backend: str = "native",
              gpu_memory_fraction: float | None = 0.9, compile_kernels: bool = True,
              flow_memory_gib: float | None = None, paged_from_frames: int = PAGED_FROM_FRAMES,
-             lm_sms: int | None = None) -> "Engine":
+             lm_sms: int | None = None, paged_graph_past_pages: int | None = None) -> "Engine":
         """gpu_memory_fraction: the share of the card this worker may allocate (native backend; vLLM sizes its
         own memory); None: no cap. compile_kernels: fused elementwise kernels on a GPU (modules/pointwise.py).
         flow_memory_gib: the incremental flow's memory pool (0: every chunk re-runs its prefix); None: sized from
         the memory fraction (see `_attach_flow_memory`). paged_from_frames: how long (mel frames, prompt included)
-        a stream's prefix gets before the flow keeps its memory instead of re-running it. lm_sms: SMs kept for the
-        LM alone, the vocoder getting the rest (sm_partition.py); None or 0: both share the whole GPU."""
+        a stream's prefix gets before the flow keeps its memory instead of re-running it (0: from its first chunk).
+        paged_graph_past_pages: the longest past (50-frame pages) whose incremental flow calls get CUDA graphs at
+        start (None: all, up to 64). lm_sms: SMs kept for the LM alone, the vocoder getting the rest
+        (sm_partition.py); None or 0: both share the whole GPU."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -211,7 +216,8 @@ class Engine:
         frontend = Frontend(model_dir, torch_device)
         engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs,
                      scheduler_config, gpu_memory_fraction=gpu_memory_fraction, compile_kernels=compile_kernels,
-                     flow_memory_gib=flow_memory_gib, paged_from_frames=paged_from_frames, lm_sms=lm_sms)
+                     flow_memory_gib=flow_memory_gib, paged_from_frames=paged_from_frames, lm_sms=lm_sms,
+                     paged_graph_past_pages=paged_graph_past_pages)
         log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
         return engine
 
@@ -262,7 +268,8 @@ class Engine:
             self._attach_flow_memory()
         if self.paged_flow is not None and self.flow_graphs is not None:
             started = time.monotonic()
-            shapes = self.paged_flow.shapes_within(self.scheduler.config.max_vocoder_frames)
+            shapes = self.paged_flow.shapes_within(self.scheduler.config.max_vocoder_frames,
+                                                   self.paged_graph_past_pages)
             self.paged_flow.capture(shapes)
             log.info("captured %d incremental flow step CUDA graphs in %.1f s", len(shapes),
                      time.monotonic() - started)

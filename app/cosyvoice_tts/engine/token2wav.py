@@ -202,7 +202,8 @@ class Token2Wav:
         ratio = self.cfg.token_mel_ratio
         if self.paged is not None:
             self.paged.apply_releases()  # of streams that ended since the last batch
-        rows = [self._paged_row(state, chunk) for state, chunk in zip(states, chunks)]
+        alone = len(states) == 1
+        rows = [self._paged_row(state, chunk, alone) for state, chunk in zip(states, chunks)]
         out: list = [None] * len(states)
         paged = [i for i, row in enumerate(rows) if row is not None]
         if paged:
@@ -231,18 +232,19 @@ class Token2Wav:
                 out[i] = (mel[j, :, first:end], first)
         return out
 
-    def _paged_row(self, state: StreamState, chunk: Chunk) -> PagedRow | None:
-        """This chunk's part of the paged call, its pages allocated; None: it re-runs its prefix."""
+    def _paged_row(self, state: StreamState, chunk: Chunk, alone: bool) -> PagedRow | None:
+        """This chunk's part of the paged call, its pages allocated; None: it re-runs its prefix. alone: the
+        chunk is its batch's only one."""
         if self.paged is None or not state.stream or state.flow_memory == FULL_RERUN or state.ended:
             return None
         memory = state.flow_memory
         ratio, unit = self.cfg.token_mel_ratio, self.flow.incremental_unit
         encoded = self._encoded_tokens(state, chunk)
-        if memory is None and (state.chunks_done == 0 or ratio * encoded <= self.paged_from_frames):
-            # Re-run while the prefix is short: a first chunk has no past to skip and is what a listener waits
-            # for, and over a short prefix the re-run costs less than keeping memory (measured on an H100, run p6:
-            # 1 x 100 frames 24 ms re-run against 31 ms paged, 32 x 200 154 ms re-run against 74 ms paged after
-            # 3 pages). The first paged call starts the memory from frame 0.
+        # Re-run while the prefix is short (paged_from_frames, 0: never), and a first chunk vocoded alone (an idle
+        # GPU, and a listener waiting). The first paged call starts the memory from frame 0 and costs more than
+        # the re-run of the same frames (H100, run s1: a first chunk's sampler 31 ms paged against 24 re-run);
+        # every later call costs less (32 last chunks of 93 tokens: 80 against 163 ms).
+        if memory is None and (ratio * encoded <= self.paged_from_frames or (alone and state.chunks_done == 0)):
             return None
         if memory is None:
             memory = state.flow_memory = self.paged.open_stream()

@@ -312,8 +312,8 @@ def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int,
     """ms per vocoder batch and per stage (flow encoder, CFM sampler, HiFT) for (batch, speech tokens, last)
     shapes, run through `Token2Wav.run_batch`: each item the first chunk of a fresh stream of that many tokens, or
     with `last` the final chunk of such a stream after its earlier chunks (untimed). With the incremental flow,
-    every shape is timed twice: with it from each stream's second chunk on ("paged"), and with each prefix re-run
-    ("rerun")."""
+    every shape is timed twice: with it from each stream's first chunk on ("paged"; a batch of one re-runs its first
+    chunk, see Token2Wav._paged_row), and with each prefix re-run ("rerun")."""
     from ..engine.voices import voice_prompt
 
     prompt = voice_prompt("sft", engine._voice(voice), engine._tokenize, None)
@@ -327,7 +327,6 @@ def vocoder_stage_times(engine: Engine, voice: str, shapes: list[tuple[int, int,
         patched += ((engine.paged_flow, "sample", "sampler"),)
     for module, method, name in patched:
         setattr(module, method, _Timed(getattr(module, method), name, totals, engine.device))
-    # "paged": from each stream's second chunk on.
     modes = {"paged": (engine.paged_flow, 0), "rerun": (None, token2wav.paged_from_frames)}
     if engine.paged_flow is None:
         del modes["paged"]
@@ -410,6 +409,7 @@ class LevelRun:
 
 
 SCHEDULING = {"none": (False, False), "fit": (True, False), "hold": (False, True), "fit+hold": (True, True)}
+FLOWS = ("paged", "rerun")  # LevelRun.flow
 
 
 def scheduling_config(config: SchedulerConfig, policy: str) -> SchedulerConfig:
@@ -421,15 +421,19 @@ def scheduling_config(config: SchedulerConfig, policy: str) -> SchedulerConfig:
                    hold_ahead_s=(config.hold_ahead_s or SchedulerConfig.hold_ahead_s) if hold else None)
 
 
-def parse_scheduling_levels(text: str) -> list[tuple[int, str]]:
-    """"32:none,32:fit" -> [(32, "none"), (32, "fit")]."""
+def parse_named_levels(text: str, names, what: str = "POLICY") -> list[tuple[int, str]]:
+    """"32:none,32:fit" -> [(32, "none"), (32, "fit")], each name one of `names`."""
     runs = []
     for item in filter(None, text.split(",")):
-        users, _, policy = item.partition(":")
-        if policy not in SCHEDULING:
-            raise ValueError(f"{item!r}: expected LEVEL:POLICY with POLICY one of {', '.join(SCHEDULING)}")
-        runs.append((int(users), policy))
+        users, _, name = item.partition(":")
+        if name not in names:
+            raise ValueError(f"{item!r}: expected LEVEL:{what} with {what} one of {', '.join(names)}")
+        runs.append((int(users), name))
     return runs
+
+
+def parse_scheduling_levels(text: str) -> list[tuple[int, str]]:
+    return parse_named_levels(text, SCHEDULING)
 
 
 def parse_levels(text: str) -> list[int]:
@@ -458,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                              "default: sized from the memory fraction, 0 with --unbatched")
     parser.add_argument("--paged-from-frames", type=int, default=None,
                         help="prefix length (mel frames) from which a stream's flow keeps its memory (engine default)")
+    parser.add_argument("--paged-graph-past-pages", type=int, default=None,
+                        help="the longest past (pages) with incremental flow graphs captured at start "
+                             "(default: all; longer pasts run eagerly)")
     parser.add_argument("--lm-sms", type=int, default=None,
                         help="SMs kept for the LM alone, the vocoder getting the rest (engine/sm_partition.py); "
                              "default: both share the whole GPU")
@@ -480,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduling-levels", default="",
                         help="after the levels, LEVEL:POLICY runs with the vocoder policies of scheduler.py set: "
                              "none, fit, hold or fit+hold (e.g. 32:none,32:fit)")
+    parser.add_argument("--flow-levels", default="",
+                        help="after the levels, LEVEL:FLOW runs with the flow paged or re-running every prefix, in "
+                             "the order given (e.g. 32:paged,32:rerun,32:paged,32:rerun: interleaved rounds)")
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,16x28,16x253L (batch x tokens; "
                              "L: the last chunk of a stream that long, after its earlier chunks)")
@@ -494,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                          use_cuda_graphs=not args.unbatched, scheduler_config=scheduler,
                          compile_kernels=not args.eager_kernels,
                          flow_memory_gib=0 if args.unbatched and args.flow_memory_gib is None else args.flow_memory_gib,
-                         lm_sms=args.lm_sms,
+                         lm_sms=args.lm_sms, paged_graph_past_pages=args.paged_graph_past_pages,
                          **({} if args.paged_from_frames is None else {"paged_from_frames": args.paged_from_frames}))
     load_s = time.monotonic() - t0
     t0 = time.monotonic()
@@ -553,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
              for u in parse_levels(args.default_switch_levels)]
     runs += [LevelRun(u, default_flow, arrivals=args.arrivals, scheduling=policy)
              for u, policy in parse_scheduling_levels(args.scheduling_levels)]
+    runs += [LevelRun(u, flow, arrivals=args.arrivals) for u, flow in parse_named_levels(args.flow_levels, FLOWS, "FLOW")
+             if flow == "rerun" or paged is not None]
     engine_scheduling = engine.scheduler.config
     for run in runs:
         switch = sys.getswitchinterval()

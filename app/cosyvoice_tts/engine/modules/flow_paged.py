@@ -64,8 +64,9 @@ class EstimatorMemory:
     def clear_slots(self, slots: list[int]) -> None:
         """Zero the convolution history of `slots` in every step: a new stream's frames before its start are the
         convolutions' zero padding."""
+        index = torch.tensor(slots, dtype=torch.long).to(self.history[0].device)  # one copy for every history
         for history in self.history:
-            history.view(self.steps, self.slots, *history.shape[1:])[:, slots] = 0
+            history.view(self.steps, self.slots, *history.shape[1:]).index_fill_(1, index, 0)
 
     @staticmethod
     def page_bytes(estimator: CausalConditionalDecoder, n_timesteps: int, page_frames: int,
