@@ -9,7 +9,7 @@ from cosyvoice_tts.engine.lm_program import BistreamProgram, WholeTextProgram, p
 from cosyvoice_tts.engine.loader import build_modules
 from cosyvoice_tts.engine.model_runner import DecodeRow, ModelRunner
 from cosyvoice_tts.engine.modules.qwen2 import AttentionInputs, Qwen2Config, Qwen2ForCausalLM
-from cosyvoice_tts.engine.sampling import RasConfig, make_generator, ras_sample
+from cosyvoice_tts.engine.sampling import RasConfig, TokenRng, ras_sample
 
 CONFIG = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=128, vocab_size=300)
@@ -116,7 +116,7 @@ def test_sampler_draws_what_the_reference_draws(ref_python, tmp_path):
 
     subprocess.run([ref_python, str(script), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True)
     expected = torch.load(tmp_path / "out.pt")
-    gen = make_generator(1234)
+    gen = TokenRng(1234)
     got = [ras_sample(l, d, RasConfig(), gen) for l, d in zip(logps, decoded_lists)]
     assert got == expected
 
@@ -134,7 +134,7 @@ def test_whole_text_tokens_match_reference(tiny_model_dir, ref_python, tmp_path)
     run_reference(ref_python, "llm_reference.py", tiny_model_dir, tmp_path / "in.pt", tmp_path / "out.pt")
     expected = torch.load(tmp_path / "out.pt")
     program = WholeTextProgram(text, prompt_text, prompt_speech, model.llm.speech_token_size, RasConfig(),
-                               make_generator(7))
+                               TokenRng(7))
     tokens, logps = run_program(runner, program)
     assert len(logps) == len(expected["logp"])
     diffs = [(a - b).abs().max().item() for a, b in zip(logps, expected["logp"])]
@@ -153,7 +153,7 @@ def test_bistream_tokens_match_reference(tiny_model_dir, ref_python, tmp_path):
     run_reference(ref_python, "llm_reference.py", tiny_model_dir, tmp_path / "in.pt", tmp_path / "out.pt")
     expected = torch.load(tmp_path / "out.pt")
     program = BistreamProgram(prompt_text, prompt_speech, model.llm.speech_token_size, RasConfig(),
-                              make_generator(11))
+                              TokenRng(11))
     # all the text arrives before decoding starts, in three uneven fragments
     program.push_text(text[:3])
     program.push_text(text[3:17])

@@ -11,7 +11,7 @@ import torch
 
 from cosyvoice_tts.engine import SynthesisParams
 from cosyvoice_tts.engine.lm_program import BistreamProgram, WholeTextProgram
-from cosyvoice_tts.engine.sampling import RasConfig, make_generator, sample_token
+from cosyvoice_tts.engine.sampling import RasConfig, TokenRng, sample_token
 from cosyvoice_tts.vllm_backend.driver import LMDriver, Segment
 from cosyvoice_tts.vllm_backend.ras import ras_logprobs, window_tensor
 
@@ -38,7 +38,7 @@ def test_ras_distribution_matches_the_reference_sampler(decoded, mask_eos):
     assert torch.isclose(q.sum(), torch.tensor(1.0), atol=1e-5)
     if mask_eos:
         assert q[eos] == 0
-    generator = make_generator(1)
+    generator = TokenRng(1)
     draws = 20000
     counts = torch.zeros(vocab)
     for _ in range(draws):
@@ -190,7 +190,7 @@ def _check_equivalent(make_program, script, text_items=()):
 
 def test_whole_text_refeeds_after_special_tokens_like_native():
     def make():
-        return WholeTextProgram(list(range(10, 18)), [], [], EOS, RasConfig(), make_generator(0))
+        return WholeTextProgram(list(range(10, 18)), [], [], EOS, RasConfig(), TokenRng(0))
 
     segment, client, native = _check_equivalent(make, whole_script)
     assert native.decoded == [t for t in native.decoded if t < EOS]
@@ -200,7 +200,7 @@ def test_whole_text_refeeds_after_special_tokens_like_native():
 def test_zero_shot_whole_text_with_prompt_speech_like_native():
     def make():
         return WholeTextProgram(list(range(10, 16)), [5, 6, 7], [40, 41, 42, 43], EOS, RasConfig(),
-                                make_generator(0))
+                                TokenRng(0))
 
     _check_equivalent(make, whole_script)
 
@@ -210,7 +210,7 @@ def test_bistream_fills_forced_fills_and_final_step_like_native(prompt_speech):
     text = [("text", list(range(1000, 1012))), ("text", list(range(1012, 1023))), ("end", None)]
 
     def make():
-        return BistreamProgram([7, 8] if prompt_speech else [], prompt_speech, EOS, RasConfig(), make_generator(0))
+        return BistreamProgram([7, 8] if prompt_speech else [], prompt_speech, EOS, RasConfig(), TokenRng(0))
 
     segment, client, native = _check_equivalent(make, bistream_script, text)
     assert FILL in native.decoded

@@ -28,7 +28,7 @@ from .model_runner import DecodeRow, ModelRunner, batch_ladder
 from .modules import pointwise
 from .modules.flow_paged import EstimatorMemory
 from .request import Request, SynthesisParams
-from .sampling import RasConfig, SamplingError, make_generator
+from .sampling import RasConfig, SamplingError, TokenRng, make_generator
 from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, can_wait, pick_vocoder_batch
 from .sm_partition import SmPartition, split_streams
 from .token2wav import PAGED_FROM_FRAMES, StreamConfig, StreamState, Token2Wav
@@ -328,7 +328,7 @@ class Engine:
         # Separate streams for token sampling and vocoder noise: how the scheduler interleaves the two stages
         # must not change what either draws. The vocoder's noise (24000 x 9 normals per second of audio) is
         # drawn where the vocoder runs: on the CPU it cost more than the whole HiFT network on the GPU.
-        request.generator = make_generator(seed)
+        request.generator = TokenRng(seed)
         request.vocoder_generator = make_generator(seed + 1, self.device)
         if text is None:
             request.bistream = True

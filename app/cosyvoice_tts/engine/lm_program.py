@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import RasConfig, SamplingError, sample_token
+from .sampling import RasConfig, SamplingError, TokenRng, sample_token
 
 # A piece of LM input: ("sos", []), ("task", []), ("text", ids) or ("speech", ids).
 Piece = tuple[str, list[int]]
@@ -40,7 +40,7 @@ def pieces_length(pieces: list[Piece]) -> int:
 class LMProgram:
     """Common state: the pending input, the decoded tokens and the sampler."""
 
-    def __init__(self, speech_token_size: int, ras: RasConfig, generator: torch.Generator, max_tokens: int):
+    def __init__(self, speech_token_size: int, ras: RasConfig, generator: TokenRng, max_tokens: int):
         self.eos = speech_token_size
         self.fill = speech_token_size + 2
         self.ras = ras
@@ -82,7 +82,7 @@ class WholeTextProgram(LMProgram):
         prompt_speech: list[int],
         speech_token_size: int,
         ras: RasConfig,
-        generator: torch.Generator,
+        generator: TokenRng,
         min_ratio: float = 2,
         max_ratio: float = 20,
     ):
@@ -130,7 +130,7 @@ class BistreamProgram(LMProgram):
         prompt_speech: list[int],
         speech_token_size: int,
         ras: RasConfig,
-        generator: torch.Generator,
+        generator: TokenRng,
         mix_ratio: tuple[int, int] = (5, 15),
         max_ratio: float = 20,
         min_token_budget: int = 200,

@@ -166,7 +166,7 @@ class LMDriver:
         remaining = min(max(1, remaining), room)
         ras = self.ras
         history = tuple(program.decoded[-ras.win_size:]) if ras.win_size > 0 else ()
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=program.generator))
+        seed = program.generator.seed31()
         return SubRequest(remaining, stops, mask_eos_steps, eos, history, seed, ras)
 
     # --- the loop --------------------------------------------------------------------------------
