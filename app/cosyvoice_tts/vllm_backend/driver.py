@@ -27,8 +27,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
 
-import torch
-
 from ..engine.errors import EngineError
 from ..engine.lm_program import BistreamProgram, LMProtocolError, LMStep, Piece, WholeTextProgram, pieces_length
 from ..engine.sampling import RasConfig, SamplingError
