@@ -193,6 +193,8 @@ def test_parse_args_flags():
     assert cfg.eager_kernels is False and parse_args(["--eager-kernels"], environ={}).eager_kernels is True
     assert cfg.flow_memory_gib is None and parse_args(["--flow-memory-gib", "12.5"], environ={}).flow_memory_gib == 12.5
     assert cfg.lm_sms == 0 and parse_args(["--lm-sms", "32"], environ={}).lm_sms == 32
+    assert cfg.flow_graph_past_pages is None
+    assert parse_args(["--flow-graph-past-pages", "8"], environ={}).flow_graph_past_pages == 8
 
 
 @pytest.mark.parametrize("argv, name, expected", [
@@ -200,6 +202,7 @@ def test_parse_args_flags():
     (["--flow-memory-gib", "20"], "flow_memory_gib", 20.0),
     ([], "lm_sms", "absent"), (["--lm-sms", "0"], "lm_sms", "absent"), (["--lm-sms", "32"], "lm_sms", 32),
     ([], "compile_kernels", True), (["--eager-kernels"], "compile_kernels", False),
+    ([], "paged_graph_past_pages", "absent"), (["--flow-graph-past-pages", "8"], "paged_graph_past_pages", 8),
 ])  # fmt: skip
 def test_load_engine_passes_engine_options_as_given(monkeypatch, tmp_path, argv, name, expected):
     from cosyvoice_tts.engine import Engine
@@ -212,8 +215,10 @@ def test_load_engine_passes_engine_options_as_given(monkeypatch, tmp_path, argv,
             pass
 
     # load_engine passes what the signature names; "absent": the engine's own default applies
-    def fake_load(model_dir, flow_memory_gib="absent", lm_sms="absent", compile_kernels="absent", **kwargs):
-        seen.update(flow_memory_gib=flow_memory_gib, lm_sms=lm_sms, compile_kernels=compile_kernels)
+    def fake_load(model_dir, flow_memory_gib="absent", lm_sms="absent", compile_kernels="absent",
+                  paged_graph_past_pages="absent", **kwargs):
+        seen.update(flow_memory_gib=flow_memory_gib, lm_sms=lm_sms, compile_kernels=compile_kernels,
+                    paged_graph_past_pages=paged_graph_past_pages)
         return Started()
 
     monkeypatch.setattr(Engine, "load", fake_load)
@@ -225,7 +230,8 @@ def test_load_engine_passes_engine_options_as_given(monkeypatch, tmp_path, argv,
     "argv",
     [["--backend", "tensorrt"], ["--max-sessions", "0"], ["--port", "70000"], ["--fp16", "--dtype", "bf16"],
      ["--drain-timeout", "-1"], ["--max-context", "100"], ["--gpu-memory-fraction", "0"],
-     ["--gpu-memory-fraction", "1.5"], ["--flow-memory-gib", "-1"], ["--lm-sms", "-8"]],
+     ["--gpu-memory-fraction", "1.5"], ["--flow-memory-gib", "-1"], ["--lm-sms", "-8"],
+     ["--flow-graph-past-pages", "-1"]],
 )  # fmt: skip
 def test_parse_args_rejects(argv, capsys):
     with pytest.raises(SystemExit) as ei:

@@ -25,6 +25,7 @@ class ServerConfig:
     gpu_memory_fraction: float = 0.9  # share of the card this worker may allocate (native backend)
     eager_kernels: bool = False  # no compiled elementwise kernels on the GPU (faster start, slower steps)
     flow_memory_gib: float | None = None  # incremental flow pool (native); None: what the fraction leaves; 0: off
+    flow_graph_past_pages: int | None = None  # incremental flow graphs captured up to this past (native); None: all
     lm_sms: int = 0  # SMs kept for the LM alone, the vocoder on the rest (native); 0: both share the whole GPU
     max_connections: int = 0  # 0: 4 x max_sessions
     drain_timeout: float = 30.0
@@ -68,6 +69,8 @@ class ServerConfig:
             raise ValueError("--flow-memory-gib must be >= 0")
         if self.lm_sms < 0:
             raise ValueError("--lm-sms must be >= 0")
+        if self.flow_graph_past_pages is not None and self.flow_graph_past_pages < 0:
+            raise ValueError("--flow-graph-past-pages must be >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,9 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--flow-memory-gib",
         type=float,
         default=None,
-        help="native backend: GPU memory for the flow's per-stream memory, which spares streams longer than 6 s "
-        "from re-running their whole prefix at every chunk (115 MB per second of audio kept); 0: always re-run "
-        "(default: what --gpu-memory-fraction leaves after the model, the KV cache and the CUDA graphs, less 8 GiB)",
+        help="native backend: GPU memory for the flow's per-stream memory, which spares a stream from re-running "
+        "its whole prefix at every chunk (115 MB per second of audio kept); 0: always re-run (default: what "
+        "--gpu-memory-fraction leaves after the model, the KV cache and the CUDA graphs, less 8 GiB)",
+    )
+    p.add_argument(
+        "--flow-graph-past-pages",
+        type=int,
+        default=None,
+        help="native backend: capture the incremental flow's CUDA graphs at start only for streams with up to this "
+        "many seconds of audio kept (50-frame pages of 1 s; 64 at most); longer ones run eagerly, slower. Each graph "
+        "is about 0.6 s of start time (default: all, up to 64)",
     )
     p.add_argument(
         "--lm-sms",
@@ -183,6 +194,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         gpu_memory_fraction=a.gpu_memory_fraction,
         eager_kernels=a.eager_kernels,
         flow_memory_gib=a.flow_memory_gib,
+        flow_graph_past_pages=a.flow_graph_past_pages,
         lm_sms=a.lm_sms,
         max_connections=a.max_connections,
         drain_timeout=a.drain_timeout,

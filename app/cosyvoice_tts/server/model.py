@@ -105,6 +105,8 @@ def load_engine(cfg: ServerConfig, device: str, dtype: str) -> Any:
         kwargs["compile_kernels"] = not cfg.eager_kernels
     if "flow_memory_gib" in params and cfg.backend == "native" and cfg.flow_memory_gib is not None:
         kwargs["flow_memory_gib"] = cfg.flow_memory_gib
+    if "paged_graph_past_pages" in params and cfg.backend == "native" and cfg.flow_graph_past_pages is not None:
+        kwargs["paged_graph_past_pages"] = cfg.flow_graph_past_pages
     if "lm_sms" in params and cfg.backend == "native" and cfg.lm_sms:
         kwargs["lm_sms"] = cfg.lm_sms
     if "backend" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
