@@ -46,6 +46,8 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
     assert paged_level["first_chunk_lm_steps_p50"] == 28 and paged_level["first_chunk_lm_ms_per_step_p50"] > 0
     assert not single_level["errors"] and single_level["requests"] >= 2
     assert paged_level["engine"]["flow_paged_eager_calls"] > 0  # on the CPU every call is eager
+    # the sampling's CPU time leaves out GIL waits: never more than its wall time
+    assert 0 < paged_level["engine"]["sample_cpu_s"] <= paged_level["engine"]["sample_s"] + 1e-3
     assert rerun_level["engine"]["flow_paged_graphed_calls"] + rerun_level["engine"]["flow_paged_eager_calls"] == 0
     assert not paged_level["errors"] and not rerun_level["errors"]
 

@@ -124,7 +124,7 @@ class Engine:
         self.partition: SmPartition | None = None
         self._stopping = False
         self.counters = {"steps": 0, "decode_rows": 0, "chunks": 0, "extend_s": 0.0, "decode_s": 0.0,
-                         "decode_forward_s": 0.0, "sample_s": 0.0, "loop_s": 0.0,
+                         "decode_forward_s": 0.0, "sample_s": 0.0, "sample_cpu_s": 0.0, "loop_s": 0.0,
                          "vocoder_batches": 0, "vocoder_items": 0}
 
     def _paged_flow(self, flow_dtype: torch.dtype, max_graph_frames: int, paged_from_frames: int) -> PagedFlow | None:
@@ -548,13 +548,16 @@ class Engine:
                     self._fail(request, EngineError("context_full", "the request's context is full"))
             return
         t1 = time.perf_counter()
+        cpu1 = time.thread_time()
         self.counters["decode_rows"] += len(rows)
         for request, logp in zip(requests, logps):
             request.position += 1
             self._after_lm(request, logp)
-        # The forward (ending in its device-to-host copy) and the per-request sampling on the CPU, apart.
+        # The forward (ending in its device-to-host copy) and the per-request sampling on the CPU, apart; the
+        # sampling also in this thread's CPU time, which leaves out the time it waited for the GIL.
         self.counters["decode_forward_s"] += t1 - t0
         self.counters["sample_s"] += time.perf_counter() - t1
+        self.counters["sample_cpu_s"] += time.thread_time() - cpu1
 
     def _after_lm(self, request: Request, logp: torch.Tensor) -> None:
         try:

@@ -544,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"batch_invariance": report["batch_invariance"]}), flush=True)
     if args.stage_times:
         report["vocoder_stage_ms"] = vocoder_stage_times(engine, args.voice, parse_stage_shapes(args.stage_times))
-    keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "decode_forward_s", "sample_s", "loop_s",
-            "vocoder_s", "vocoder_batches", "vocoder_items", "flow_graphed_calls", "flow_eager_calls",
+    keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "decode_forward_s", "sample_s", "sample_cpu_s",
+            "loop_s", "vocoder_s", "vocoder_batches", "vocoder_items", "flow_graphed_calls", "flow_eager_calls",
             "flow_paged_graphed_calls", "flow_paged_eager_calls", "flow_paged_fallbacks", "encoder_graphed_calls",
             "encoder_eager_calls", "hift_graphed_calls", "hift_eager_calls")
     paged = engine.paged_flow
