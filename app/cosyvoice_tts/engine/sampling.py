@@ -29,9 +29,10 @@ class StepDistribution:
     """One request's log-probabilities for one step, with its top-k candidates when the runner computed them on
     the device for the whole batch (a single top-k there, instead of one per request on the CPU).
 
-    The candidates are numpy views of the batch's host copy: the per-request sampling below then makes one torch
-    call per token, not seven. That matters beyond the arithmetic: every torch call releases the GIL, and while
-    the vocoder thread runs Python, taking it back can cost a whole switch interval."""
+    The candidates are numpy views of the batch's host copy, and the draws come from `TokenRng`: a token costs no
+    torch call (one softmax where RAS falls back to the whole distribution). That matters beyond the arithmetic:
+    every torch call releases the GIL, and while the vocoder thread runs Python, taking it back can cost a whole
+    switch interval."""
 
     def __init__(self, logp: torch.Tensor, top_probs: np.ndarray | torch.Tensor | None = None,
                  top_ids: np.ndarray | torch.Tensor | None = None):
