@@ -11,6 +11,8 @@
 # PAGED_FROM_FRAMES=0: streams keep their flow memory from the first chunk (--paged-from-frames);
 # PAGED_GRAPH_PAST_PAGES=4: incremental flow graphs only up to that past (--paged-graph-past-pages: less capture);
 # FLOW_LEVELS=32:paged,32:rerun: again with the flow paged or re-running every prefix, in that order.
+# VOCODER=overlap: the engine's vocoder placement (--vocoder; engine/vocoder_worker.py); VOCODER_LEVELS=32:thread,
+# 32:overlap: again with the vocoder on its own thread or launched from the LM loop, in that order.
 #   bench/engine_gpu_run.sh OUT_DIR [CONCURRENCY] [DURATION]
 # Needs python3 with torch (CUDA); unpacks carry/bench_site/site.tar.xz for the packages such an image lacks.
 set -euo pipefail
@@ -41,6 +43,7 @@ python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --
     ${PAGED_FROM_FRAMES:+--paged-from-frames "$PAGED_FROM_FRAMES"} \
     ${PAGED_GRAPH_PAST_PAGES:+--paged-graph-past-pages "$PAGED_GRAPH_PAST_PAGES"} \
     ${FLOW_LEVELS:+--flow-levels "$FLOW_LEVELS"} \
+    ${VOCODER:+--vocoder "$VOCODER"} ${VOCODER_LEVELS:+--vocoder-levels "$VOCODER_LEVELS"} \
     --out "$out/batched.json" 2>&1 | grep -v -e Warning -e warn | tee "$out/batched.log"
 if [ -z "${SKIP_UNBATCHED:-}" ]; then
     python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --concurrency 8 \

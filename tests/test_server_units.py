@@ -195,6 +195,7 @@ def test_parse_args_flags():
     assert cfg.lm_sms == 0 and parse_args(["--lm-sms", "32"], environ={}).lm_sms == 32
     assert cfg.flow_graph_past_pages is None
     assert parse_args(["--flow-graph-past-pages", "8"], environ={}).flow_graph_past_pages == 8
+    assert cfg.vocoder is None and parse_args(["--vocoder", "thread"], environ={}).vocoder == "thread"
 
 
 @pytest.mark.parametrize("argv, name, expected", [
@@ -203,6 +204,7 @@ def test_parse_args_flags():
     ([], "lm_sms", "absent"), (["--lm-sms", "0"], "lm_sms", "absent"), (["--lm-sms", "32"], "lm_sms", 32),
     ([], "compile_kernels", True), (["--eager-kernels"], "compile_kernels", False),
     ([], "paged_graph_past_pages", "absent"), (["--flow-graph-past-pages", "8"], "paged_graph_past_pages", 8),
+    ([], "vocoder_mode", "absent"), (["--vocoder", "overlap"], "vocoder_mode", "overlap"),
 ])  # fmt: skip
 def test_load_engine_passes_engine_options_as_given(monkeypatch, tmp_path, argv, name, expected):
     from cosyvoice_tts.engine import Engine
@@ -216,9 +218,9 @@ def test_load_engine_passes_engine_options_as_given(monkeypatch, tmp_path, argv,
 
     # load_engine passes what the signature names; "absent": the engine's own default applies
     def fake_load(model_dir, flow_memory_gib="absent", lm_sms="absent", compile_kernels="absent",
-                  paged_graph_past_pages="absent", **kwargs):
+                  paged_graph_past_pages="absent", vocoder_mode="absent", **kwargs):
         seen.update(flow_memory_gib=flow_memory_gib, lm_sms=lm_sms, compile_kernels=compile_kernels,
-                    paged_graph_past_pages=paged_graph_past_pages)
+                    paged_graph_past_pages=paged_graph_past_pages, vocoder_mode=vocoder_mode)
         return Started()
 
     monkeypatch.setattr(Engine, "load", fake_load)
@@ -231,7 +233,7 @@ def test_load_engine_passes_engine_options_as_given(monkeypatch, tmp_path, argv,
     [["--backend", "tensorrt"], ["--max-sessions", "0"], ["--port", "70000"], ["--fp16", "--dtype", "bf16"],
      ["--drain-timeout", "-1"], ["--max-context", "100"], ["--gpu-memory-fraction", "0"],
      ["--gpu-memory-fraction", "1.5"], ["--flow-memory-gib", "-1"], ["--lm-sms", "-8"],
-     ["--flow-graph-past-pages", "-1"]],
+     ["--flow-graph-past-pages", "-1"], ["--vocoder", "inline"]],
 )  # fmt: skip
 def test_parse_args_rejects(argv, capsys):
     with pytest.raises(SystemExit) as ei:

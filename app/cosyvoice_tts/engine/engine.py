@@ -32,7 +32,7 @@ from .sampling import RasConfig, SamplingError, TokenRng, make_generator
 from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, can_wait, pick_vocoder_batch
 from .sm_partition import SmPartition, split_streams
 from .token2wav import PAGED_FROM_FRAMES, StreamConfig, StreamState, Token2Wav
-from .vocoder_worker import VocoderWorker
+from .vocoder_worker import VOCODER_MODES, make_vocoder
 from .voices import voice_prompt
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 FLOW_RESERVE_BYTES = 8 * 2**30
 URGENT_AHEAD_S = 1.0  # a playing stream with less audio than this buffered keeps its LM steps, whatever else runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_VOCODER_MODE = "thread"
 
 
 class Engine:
@@ -50,7 +51,9 @@ class Engine:
                  max_graph_frames: int = 1000, gpu_memory_fraction: float | None = None,
                  compile_kernels: bool = True, flow_memory_gib: float | None = None,
                  paged_from_frames: int = PAGED_FROM_FRAMES, lm_sms: int | None = None,
-                 paged_graph_past_pages: int | None = None):
+                 paged_graph_past_pages: int | None = None, vocoder_mode: str = DEFAULT_VOCODER_MODE):
+        if vocoder_mode not in VOCODER_MODES:
+            raise ValueError(f"vocoder_mode must be one of {', '.join(VOCODER_MODES)}, not {vocoder_mode!r}")
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -118,7 +121,8 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self.vocoder: VocoderWorker | None = None
+        self.vocoder = None  # vocoder_worker.py, made at start in `_make_vocoder`
+        self._vocoder_mode = vocoder_mode
         self._first_chunk_in_flight = False
         self.lm_sms = lm_sms  # split at start (sm_partition.py); None or 0: both on the whole GPU
         self.partition: SmPartition | None = None
@@ -187,7 +191,8 @@ class Engine:
              scheduler_config: SchedulerConfig | None = None, backend: str = "native",
              gpu_memory_fraction: float | None = 0.9, compile_kernels: bool = True,
              flow_memory_gib: float | None = None, paged_from_frames: int = PAGED_FROM_FRAMES,
-             lm_sms: int | None = None, paged_graph_past_pages: int | None = None) -> "Engine":
+             lm_sms: int | None = None, paged_graph_past_pages: int | None = None,
+             vocoder_mode: str = DEFAULT_VOCODER_MODE) -> "Engine":
         """gpu_memory_fraction: the share of the card this worker may allocate (native backend; vLLM sizes its
         own memory); None: no cap. compile_kernels: fused elementwise kernels on a GPU (modules/pointwise.py).
         flow_memory_gib: the incremental flow's memory pool (0: every chunk re-runs its prefix); None: sized from
@@ -195,7 +200,8 @@ class Engine:
         a stream's prefix gets before the flow keeps its memory instead of re-running it (0: from its first chunk).
         paged_graph_past_pages: the longest past (50-frame pages) whose incremental flow calls get CUDA graphs at
         start (None: all, up to 64). lm_sms: SMs kept for the LM alone, the vocoder getting the rest
-        (sm_partition.py); None or 0: both share the whole GPU."""
+        (sm_partition.py); None or 0: both share the whole GPU. vocoder_mode: where the vocoder's host work runs,
+        "thread" or "overlap" (vocoder_worker.py)."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -217,7 +223,7 @@ class Engine:
         engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs,
                      scheduler_config, gpu_memory_fraction=gpu_memory_fraction, compile_kernels=compile_kernels,
                      flow_memory_gib=flow_memory_gib, paged_from_frames=paged_from_frames, lm_sms=lm_sms,
-                     paged_graph_past_pages=paged_graph_past_pages)
+                     paged_graph_past_pages=paged_graph_past_pages, vocoder_mode=vocoder_mode)
         log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
         return engine
 
@@ -235,10 +241,34 @@ class Engine:
                 f"out of GPU memory while capturing CUDA graphs for {self.max_sessions} sessions (memory fraction "
                 f"{self.gpu_memory_fraction}): lower --max-sessions or --max-context, or raise "
                 f"--gpu-memory-fraction") from exc
-        self.vocoder = VocoderWorker(self.token2wav, self.device, self._wake.set,
-                                     self.partition.vocoder if self.partition else None)
+        self.vocoder = self._make_vocoder(self._vocoder_mode)
         self._thread = threading.Thread(target=self._loop, name="cosyvoice-engine", daemon=True)
         self._thread.start()
+
+    def _make_vocoder(self, mode: str):
+        return make_vocoder(mode, self.token2wav, self.device, self._wake.set,
+                            self.partition.vocoder if self.partition else None)
+
+    @property
+    def vocoder_mode(self) -> str:
+        return self._vocoder_mode
+
+    def set_vocoder_mode(self, mode: str) -> None:
+        """Switch the vocoder's placement (vocoder_worker.py) while no request is active (the bench's
+        side-by-side levels)."""
+        if mode not in VOCODER_MODES:
+            raise ValueError(f"vocoder mode must be one of {', '.join(VOCODER_MODES)}, not {mode!r}")
+        if mode == self._vocoder_mode:
+            return
+        if self.active_count() or (self.vocoder is not None and not self.vocoder.idle):
+            raise EngineError("busy", "the vocoder placement can only change while the engine is idle")
+        old = self.vocoder
+        if old is not None:
+            # The loop only reads this attribute; both workers are idle with nothing to collect, so either is
+            # right for an iteration in progress.
+            self.vocoder = self._make_vocoder(mode)
+            old.stop()
+        self._vocoder_mode = mode
 
     def _capture_graphs(self) -> None:
         # Each stage's graphs are captured on the stream it will run on: with an SM partition, that is what
@@ -428,17 +458,19 @@ class Engine:
                     continue
                 self._wake.wait()
                 continue
-            if vocode:
-                self._hand_to_vocoder(plan.chunks)
-            # Host time between LM steps: collecting audio, admission, text, planning, handing chunks over.
+            # Host time between LM steps: collecting audio, admission, text, planning (and handing chunks to the
+            # vocoder, counted where it runs).
             self.counters["loop_s"] += time.perf_counter() - started
-            if lm_work:
-                try:
-                    self._run(plan)
-                except Exception:  # a bug must not take the worker down: fail what was in the step, go on
-                    log.exception("engine step failed")
-                    for request in plan.extend + plan.decode:
-                        self._fail(request, EngineError("internal", "internal engine error"))
+            hand_off = (lambda: self._hand_to_vocoder(plan.chunks)) if vocode else None
+            if not lm_work:
+                self._timed_hand_off(hand_off)
+                continue
+            try:
+                self._run(plan, hand_off)
+            except Exception:  # a bug must not take the worker down: fail what was in the step, go on
+                log.exception("engine step failed")
+                for request in plan.extend + plan.decode:
+                    self._fail(request, EngineError("internal", "internal engine error"))
         for request in self._pending + self._active:
             self._fail(request, EngineError("draining", "the engine shut down"))
 
@@ -504,17 +536,31 @@ class Engine:
             except (LMProtocolError, SamplingError) as exc:
                 self._fail(request, EngineError("generation_failed", str(exc)))
 
-    def _run(self, plan) -> None:
+    def _run(self, plan, hand_off=None) -> None:
+        """One LM step. `hand_off` (chunks to the vocoder) runs while the GPU decodes; first if nothing decodes."""
         self.counters["steps"] += 1
+        if not plan.decode:
+            self._timed_hand_off(hand_off)
         t0 = time.perf_counter()
         if plan.extend:
             self._lm_extend(plan.extend)
         t1 = time.perf_counter()
+        handed = 0.0
         if plan.decode:
-            self._lm_decode([r for r in plan.decode if r in self._active])
+            handed = self._lm_decode([r for r in plan.decode if r in self._active], hand_off)
         # Each phase ends in a device-to-host copy, so wall time per phase is the device time too.
         self.counters["extend_s"] += t1 - t0
-        self.counters["decode_s"] += time.perf_counter() - t1
+        self.counters["decode_s"] += time.perf_counter() - t1 - handed
+
+    def _timed_hand_off(self, hand_off) -> float:
+        """Run `hand_off` (if any), counting its time as the loop's host time; returns that time."""
+        if hand_off is None:
+            return 0.0
+        started = time.perf_counter()
+        hand_off()
+        spent = time.perf_counter() - started
+        self.counters["loop_s"] += spent
+        return spent
 
     def _lm_extend(self, requests: list[Request]) -> None:
         """Prefill (or feed several inputs to) every request of the step in one forward where one fits."""
@@ -534,19 +580,25 @@ class Engine:
             request.position += pieces_length(pieces)
             self._after_lm(request, logp)
 
-    def _lm_decode(self, requests: list[Request]) -> None:
+    def _lm_decode(self, requests: list[Request], hand_off=None) -> float:
+        """One decode step for `requests`; `hand_off` runs once the step is launched, before its result is read
+        back, so that its host work overlaps the step's GPU time. Returns the time `hand_off` took."""
         rows = []
         for request in requests:
             (_, (token,)), = request.program.take_input()
             rows.append(DecodeRow(request.slot, request.position, token))
         t0 = time.perf_counter()
         try:
-            logps = self.runner.decode(rows)
+            launched = self.runner.launch_decode(rows) if rows else None
         except CacheFullError:
             for request in requests:
                 if request.position + 1 > self.runner.max_len:
                     self._fail(request, EngineError("context_full", "the request's context is full"))
-            return
+            return self._timed_hand_off(hand_off)
+        handed = self._timed_hand_off(hand_off)
+        if launched is None:
+            return handed
+        logps = self.runner.decode_result(launched)
         t1 = time.perf_counter()
         cpu1 = time.thread_time()
         self.counters["decode_rows"] += len(rows)
@@ -555,9 +607,10 @@ class Engine:
             self._after_lm(request, logp)
         # The forward (ending in its device-to-host copy) and the per-request sampling on the CPU, apart; the
         # sampling also in this thread's CPU time, which leaves out the time it waited for the GIL.
-        self.counters["decode_forward_s"] += t1 - t0
+        self.counters["decode_forward_s"] += t1 - t0 - handed
         self.counters["sample_s"] += time.perf_counter() - t1
         self.counters["sample_cpu_s"] += time.thread_time() - cpu1
+        return handed
 
     def _after_lm(self, request: Request, logp: torch.Tensor) -> None:
         try:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .cuda_graphs import capture_graph, smallest_at_least
+from .host_copy import to_device
 from .modules.flow import FlowBatch
 from .modules.flow_cfm import euler_times
 from .modules.flow_paged import EstimatorMemory, PagedTables, paged_euler_step
@@ -291,7 +292,7 @@ class PagedFlow:
         index = np.zeros(batch, dtype=np.int64)
         index[:count] = indices
         host = np.concatenate([starts, lengths, index])
-        starts_d, lengths_d, index_d = torch.from_numpy(host).to(device).split(batch)
+        starts_d, lengths_d, index_d = to_device(host, device).split(batch)
         offsets = torch.arange(frames, device=device)
         positions = starts_d.unsqueeze(1) + offsets  # [batch, frames] absolute frames
         valid = offsets.unsqueeze(0) < lengths_d.unsqueeze(1)
@@ -304,5 +305,5 @@ class PagedFlow:
                                                     .reshape(-1))
         x = noise.view(-1, batch, frames).transpose(0, 1).to(self.dtype)
         spks = prepared.speaker.index_select(0, index_d).to(self.dtype)
-        table_data = torch.from_numpy(self._table_data(rows, batch, frames, past_pages)).to(device)
+        table_data = to_device(self._table_data(rows, batch, frames, past_pages), device)
         return {"x": x, "mu": mu, "mask": mask, "cond": cond, "spks": spks, "table_data": table_data}

@@ -13,6 +13,7 @@ import logging
 import torch
 
 from .cuda_graphs import bucket_for, buckets_within, capture_graph
+from .host_copy import to_device
 from .modules.hift import HiFTGenerator
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,9 @@ class GraphedHiFT:
                 graph.cache[item, :, : cache.shape[-1]].copy_(cache[0])
             graph.noise[item, : n * spf].copy_(self.inner.m_source.draw(1, n * spf, generator, mel.device)[0])
         graph.lengths.fill_(1)
-        graph.lengths[:count].copy_(torch.tensor(frames))
+        graph.lengths[:count].copy_(to_device(frames, graph.lengths.device, torch.long))
         graph.cache_lengths.zero_()
-        graph.cache_lengths[:count].copy_(torch.tensor(caches))
+        graph.cache_lengths[:count].copy_(to_device(caches, graph.lengths.device, torch.long))
         graph.replay()
         # Copies: the graph's outputs are overwritten by its next replay, and callers keep the source's tail.
         return [(graph.speech[item:item + 1, : n * spf].clone(), graph.source[item:item + 1, :, : n * spf].clone())

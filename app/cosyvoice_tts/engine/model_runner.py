@@ -210,9 +210,14 @@ class ModelRunner:
         top_probs, top_ids = logp.softmax(dim=-1).topk(self.candidates, dim=-1)
         return torch.cat([logp, top_probs, top_ids.float()], dim=-1)
 
-    @torch.inference_mode()
     def decode(self, rows: list[DecodeRow]) -> list[StepDistribution]:
         """One speech token for each row -> each row's distribution (log-probs on the CPU, fp32)."""
+        return self.decode_result(self.launch_decode(rows))
+
+    @torch.inference_mode()
+    def launch_decode(self, rows: list[DecodeRow]) -> tuple[torch.Tensor, int]:
+        """`decode` up to its device work, queued and not waited for: (packed rows on the device, row count) for
+        `decode_result`. The engine launches a vocoder batch in between, while the GPU runs the step."""
         for row in rows:
             if row.position + 1 > self.max_len:
                 raise CacheFullError(f"slot {row.slot}: context exceeds the {self.max_len}-token limit")
@@ -226,11 +231,15 @@ class ModelRunner:
                              [r.slot for r in rows] + [self.cache.scratch_slot] * pad,
                              [r.position for r in rows] + [0] * pad], dtype=torch.long)
         if graph is not None:
-            packed = graph.run(host)
-        else:
-            # Eager: attend only as far as the longest context in the batch.
-            tokens, slots, positions = host.to(self.device).unbind(0)
-            packed = self._decode_step(tokens, slots, positions.unsqueeze(1), key_len)
+            return graph.run(host), count
+        # Eager: attend only as far as the longest context in the batch.
+        tokens, slots, positions = host.to(self.device).unbind(0)
+        return self._decode_step(tokens, slots, positions.unsqueeze(1), key_len), count
+
+    @torch.inference_mode()
+    def decode_result(self, launched: tuple[torch.Tensor, int]) -> list[StepDistribution]:
+        """The distributions of a `launch_decode`, waiting for the device."""
+        packed, count = launched
         return self._distributions(packed[:count].cpu())
 
     def _distributions(self, packed: torch.Tensor) -> list[StepDistribution]:

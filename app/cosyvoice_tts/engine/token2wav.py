@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from .flow_pages import PagedFlow, PagedRow, StreamPages
-from .modules.flow import FlowBatch
+from .host_copy import to_device
+from .modules.flow import FlowBatch, HostLengths
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class Token2Wav:
         self.paged = paged
         self.paged_from_frames = paged_from_frames
         self.window = hamming_window(2 * cfg.source_cache_len)
+        self._windows: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def forget(self, state: StreamState) -> None:
         """The request of `state` ended (any thread): its flow memory goes back to the pool."""
@@ -142,9 +144,16 @@ class Token2Wav:
         if self.paged is not None and isinstance(memory, StreamPages):
             self.paged.release(memory)  # the vocoder thread releases it too if it took memory meanwhile
 
-    @torch.inference_mode()
     def run_batch(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]]) -> list[np.ndarray]:
         """Flow and HiFT for several requests' chunks in one call each; returns each request's new audio."""
+        return self.launch_batch(items).result()
+
+    @torch.inference_mode()
+    def launch_batch(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]]) -> "VocodedBatch":
+        """`run_batch` without waiting for the device: every kernel of the batch is queued on the current stream
+        and the audio is on its way to the host when this returns. The states have advanced already; the next
+        batch of the same streams may be launched once this one's `result()` is in (the vocoder's graphs share
+        their input buffers)."""
         device = self.device
         states = [state for state, _, _ in items]
         chunks = [chunk for _, chunk, _ in items]
@@ -156,9 +165,11 @@ class Token2Wav:
         prompt_feat = torch.zeros(len(items), feat_len, 80, device=device)
         for i, s in enumerate(states):
             if s.prompt_feat.shape[1]:
-                prompt_feat[i, : s.prompt_feat.shape[1]] = s.prompt_feat[0].to(device)
-        lengths = torch.tensor([[len(c.tokens) for c in chunks], [s.prompt_token.shape[1] for s in states],
-                                [s.prompt_feat.shape[1] for s in states]]).to(device)
+                prompt_feat[i, : s.prompt_feat.shape[1]] = to_device(s.prompt_feat[0], device)
+        host_lengths = HostLengths([len(c.tokens) for c in chunks], [int(s.prompt_token.shape[1]) for s in states],
+                                   [int(s.prompt_feat.shape[1]) for s in states])
+        lengths = to_device([host_lengths.token, host_lengths.prompt_token, host_lengths.prompt_feat], device,
+                            torch.long)
         with torch.autocast(device.type, dtype=self.flow_dtype, enabled=self.flow_dtype != torch.float32,
                             cache_enabled=False):
             prepared = self.flow.prepare_batch(
@@ -168,9 +179,10 @@ class Token2Wav:
                 prompt_token_len=lengths[1],
                 prompt_feat=prompt_feat,
                 prompt_feat_len=lengths[2],
-                embedding=torch.cat([s.embedding for s in states]).to(device),
+                embedding=to_device(torch.cat([s.embedding for s in states]), device),
                 streaming=[s.stream for s in states],
                 finalize=[c.finalize for c in chunks],
+                host_lengths=host_lengths,
             )
             mels = self._sample(prepared, states, chunks)
         for state in states:
@@ -187,10 +199,8 @@ class Token2Wav:
         speech = self._vocode_batch(states, new_mels, [c.finalize for c in chunks], [g for _, _, g in items])
         for state, chunk in zip(states, chunks):
             state.advance(chunk)
-        # One device-to-host copy for the batch (each .cpu() waits for the device).
-        lengths = [int(s.shape[-1]) for s in speech]
-        flat = torch.cat([s.reshape(-1) for s in speech]).cpu().numpy()
-        return np.split(flat, np.cumsum(lengths)[:-1])
+        # One device-to-host copy for the batch, not waited for here.
+        return VocodedBatch(torch.cat([s.reshape(-1) for s in speech]), [int(s.shape[-1]) for s in speech])
 
     def _encoded_tokens(self, state: StreamState, chunk: Chunk) -> int:
         """Prompt and speech tokens whose frames this chunk's flow call produces (the lookahead excluded)."""
@@ -220,7 +230,7 @@ class Token2Wav:
             ends = [ratio * self._encoded_tokens(states[i], chunks[i]) for i in full]
             sub = prepared
             if len(full) != len(states):
-                index = torch.tensor(full, device=prepared.mu.device)
+                index = to_device(full, prepared.mu.device, torch.long)
                 width = max(ends)
                 sub = FlowBatch(*(t.index_select(0, index) for t in (
                     prepared.mu[:, :, :width], prepared.mask[:, :, :width], prepared.cond[:, :, :width],
@@ -299,10 +309,41 @@ class Token2Wav:
 
     def _cross_fade(self, speech: torch.Tensor, previous_tail: torch.Tensor) -> torch.Tensor:
         overlap = self.window.shape[0] // 2
-        window = self.window.to(speech.device, speech.dtype)
+        key = (speech.device, speech.dtype)
+        if key not in self._windows:  # copied once: a host-to-device copy per join would wait for the stream
+            self._windows[key] = self.window.to(*key)
+        window = self._windows[key]
         speech = speech.clone()
         speech[:, :overlap] = speech[:, :overlap] * window[:overlap] + previous_tail[:, -overlap:] * window[overlap:]
         return speech
+
+
+class VocodedBatch:
+    """A launched batch's audio on its way to the host: on a GPU, a copy into pinned memory that an event marks
+    done, so the thread that launched the batch goes on (LM steps) while the vocoder's kernels run."""
+
+    def __init__(self, flat: torch.Tensor, lengths: list[int]):
+        self.lengths = lengths
+        if flat.device.type == "cuda":
+            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self._host.copy_(flat, non_blocking=True)
+            # blocking: a thread waiting for it sleeps instead of spinning a core
+            self.event = torch.cuda.Event(blocking=True)
+            self.event.record()
+        else:
+            self._host, self.event = flat, None
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def result(self) -> list[np.ndarray]:
+        """Each item's new audio (float32), waiting for the device if it is not done yet."""
+        self.wait()
+        return np.split(self._host.numpy(), np.cumsum(self.lengths)[:-1])
 
 
 def _pad_int(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -310,4 +351,4 @@ def _pad_int(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     out = np.zeros((len(rows), width), dtype=np.int32)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
-    return torch.from_numpy(out).to(device)
+    return to_device(out, device)

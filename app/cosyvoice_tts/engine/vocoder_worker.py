@@ -1,12 +1,23 @@
-"""Runs flow + HiFT batches on their own thread (and CUDA stream) so LM steps never wait for them.
+"""Runs flow + HiFT batches beside the LM steps, so LM steps never wait for them. Two placements:
 
-A vocoder batch costs tens to hundreds of milliseconds while an LM step costs a few; run in line, every stream's
-next token would wait for other streams' audio. The engine hands a batch over when the worker is idle and
-collects the results at its next step; at most one batch is in flight, so the batch grows with the load.
+- "thread": a Python thread of its own runs each batch (on its own low-priority CUDA stream). A vocoder batch
+  costs tens to hundreds of milliseconds while an LM step costs a few; run in line, every stream's next token
+  would wait for other streams' audio. But the two threads share the GIL: each of the vocoder's few hundred
+  torch calls per batch releases it, and taking it back from the LM loop (or the loop taking it back) can wait
+  a switch interval, so under load both slow down.
+- "overlap": the engine loop itself launches each batch's kernels on the vocoder stream (between launching an
+  LM step and reading its result back, see `Engine._lm_decode`) and picks up the audio once the GPU is done with
+  it, while it goes on stepping the LM. One Python thread does all the host work, so nothing waits for the GIL;
+  the GPU still runs both stages side by side. A helper thread only waits for each batch's completion event
+  (without the GIL) to wake the loop when it has nothing else to do.
+
+Either way the engine hands a batch over when the vocoder is idle and collects the results at its next step;
+at most one batch is in flight, so the batch grows with the load.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -14,24 +25,61 @@ from contextlib import nullcontext
 
 import torch
 
-from .token2wav import Token2Wav
+from .token2wav import Token2Wav, VocodedBatch
 
 log = logging.getLogger(__name__)
 
+VOCODER_MODES = ("thread", "overlap")
 
-class VocoderWorker:
+
+def make_vocoder(mode: str, token2wav: Token2Wav, device: torch.device, on_done,
+                 stream: torch.cuda.Stream | None = None) -> "VocoderWorker | OverlappedVocoder":
+    if mode not in VOCODER_MODES:
+        raise ValueError(f"vocoder mode must be one of {', '.join(VOCODER_MODES)}, not {mode!r}")
+    worker = VocoderWorker if mode == "thread" else OverlappedVocoder
+    return worker(token2wav, device, on_done, stream)
+
+
+class _Vocoder:
+    """What both placements share: the stream, the batch as the engine hands it over, its outcome."""
+
+    mode = ""
+
     def __init__(self, token2wav: Token2Wav, device: torch.device, on_done, stream: torch.cuda.Stream | None = None):
         self.token2wav = token2wav
         self.device = device
-        self.on_done = on_done  # called from the worker thread after each batch (the engine wakes its loop)
+        self.on_done = on_done  # called (from any thread) once a batch's results can be taken: wakes the loop
         # `stream`: the vocoder's SM partition (sm_partition.py), where its graphs were captured
         self.stream = stream if stream is not None else torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.busy_s = 0.0  # from each batch's launch to its audio on the host, for the engine's counters
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    def _launch(self, batch: list) -> VocodedBatch:
+        """batch: [(request, state, chunk, generator)]."""
+        with self._on_stream():
+            return self.token2wav.launch_batch([(state, chunk, gen) for _, state, chunk, gen in batch])
+
+    @staticmethod
+    def _outcome(batch: list, audios: list | None, error: Exception | None) -> list:
+        if error is not None:
+            return [(request, state, None, error) for request, state, _, _ in batch]
+        return [(request, state, audio, None) for (request, state, _, _), audio in zip(batch, audios)]
+
+
+class VocoderWorker(_Vocoder):
+    """The "thread" placement (see the module doc)."""
+
+    mode = "thread"
+
+    def __init__(self, token2wav: Token2Wav, device: torch.device, on_done, stream: torch.cuda.Stream | None = None):
+        super().__init__(token2wav, device, on_done, stream)
         self._jobs: deque = deque()
         self._results: deque = deque()
         self._cond = threading.Condition()
         self._busy = False
         self._stopping = False
-        self.busy_s = 0.0  # time spent in batches, for the engine's counters
         self._thread = threading.Thread(target=self._run, name="cosyvoice-vocoder", daemon=True)
         self._thread.start()
 
@@ -69,14 +117,70 @@ class VocoderWorker:
                 batch = self._jobs.popleft()
             started = time.perf_counter()
             try:
-                with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-                    audios = self.token2wav.run_batch([(state, chunk, gen) for _, state, chunk, gen in batch])
-                outcome = [(request, state, audio, None) for (request, state, _, _), audio in zip(batch, audios)]
+                outcome = self._outcome(batch, self._launch(batch).result(), None)
             except Exception as exc:  # reported per request by the engine; the worker thread lives on
                 log.exception("vocoder batch failed")
-                outcome = [(request, state, None, exc) for request, state, _, _ in batch]
+                outcome = self._outcome(batch, None, exc)
             self.busy_s += time.perf_counter() - started
             with self._cond:
                 self._results.extend(outcome)
                 self._busy = bool(self._jobs)
+            self.on_done()
+
+
+class OverlappedVocoder(_Vocoder):
+    """The "overlap" placement (see the module doc): every method runs on the engine loop's thread."""
+
+    mode = "overlap"
+
+    def __init__(self, token2wav: Token2Wav, device: torch.device, on_done, stream: torch.cuda.Stream | None = None):
+        super().__init__(token2wav, device, on_done, stream)
+        self._in_flight: tuple[list, VocodedBatch, float] | None = None
+        self._failed: list = []
+        self._launched: queue.SimpleQueue = queue.SimpleQueue()
+        self._watcher = threading.Thread(target=self._watch, name="cosyvoice-vocoder-done", daemon=True)
+        self._watcher.start()
+
+    @property
+    def idle(self) -> bool:
+        return self._in_flight is None
+
+    def submit(self, batch: list) -> None:
+        started = time.perf_counter()
+        try:
+            launched = self._launch(batch)
+        except Exception as exc:  # reported per request by the engine, as the thread placement does
+            log.exception("vocoder batch failed")
+            self._failed.extend(self._outcome(batch, None, exc))
+            self.on_done()
+            return
+        self._in_flight = (batch, launched, started)
+        self._launched.put(launched)
+
+    def take_results(self) -> list:
+        results, self._failed = self._failed, []
+        if self._in_flight is None:
+            return results
+        batch, launched, started = self._in_flight
+        try:
+            if not launched.ready():
+                return results
+            outcome = self._outcome(batch, launched.result(), None)
+        except Exception as exc:  # a failed kernel shows here: those requests fail, the loop goes on
+            log.exception("vocoder batch failed")
+            outcome = self._outcome(batch, None, exc)
+        self._in_flight = None
+        self.busy_s += time.perf_counter() - started
+        return results + outcome
+
+    def stop(self) -> None:
+        self._launched.put(None)
+        self._watcher.join(timeout=30)
+
+    def _watch(self) -> None:
+        while (launched := self._launched.get()) is not None:
+            try:
+                launched.wait()  # without the GIL
+            except RuntimeError:  # a failed kernel: the loop's own result() reports it
+                log.exception("waiting for a vocoder batch failed")
             self.on_done()

@@ -27,6 +27,7 @@ class ServerConfig:
     flow_memory_gib: float | None = None  # incremental flow pool (native); None: what the fraction leaves; 0: off
     flow_graph_past_pages: int | None = None  # incremental flow graphs captured up to this past (native); None: all
     lm_sms: int = 0  # SMs kept for the LM alone, the vocoder on the rest (native); 0: both share the whole GPU
+    vocoder: str | None = None  # where the vocoder's host work runs (native): thread | overlap; None: the engine's
     max_connections: int = 0  # 0: 4 x max_sessions
     drain_timeout: float = 30.0
     auth_token: str | None = field(default=None, repr=False)
@@ -71,6 +72,8 @@ class ServerConfig:
             raise ValueError("--lm-sms must be >= 0")
         if self.flow_graph_past_pages is not None and self.flow_graph_past_pages < 0:
             raise ValueError("--flow-graph-past-pages must be >= 0")
+        if self.vocoder not in (None, "thread", "overlap"):
+            raise ValueError("--vocoder must be thread or overlap")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         "share the whole GPU",
     )
     p.add_argument(
+        "--vocoder",
+        choices=("thread", "overlap"),
+        default=None,
+        help="native backend: where the vocoder's host work runs: its own Python thread, or launched from the LM "
+        "loop between a step's launch and its result (overlap: no GIL shared between the two) (default: overlap)",
+    )
+    p.add_argument(
         "--max-connections", type=int, default=0, help="open WebSocket connections (default 4 x --max-sessions)"
     )
     p.add_argument(
@@ -196,6 +206,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         flow_memory_gib=a.flow_memory_gib,
         flow_graph_past_pages=a.flow_graph_past_pages,
         lm_sms=a.lm_sms,
+        vocoder=a.vocoder,
         max_connections=a.max_connections,
         drain_timeout=a.drain_timeout,
         auth_token=token or None,

@@ -109,6 +109,8 @@ def load_engine(cfg: ServerConfig, device: str, dtype: str) -> Any:
         kwargs["paged_graph_past_pages"] = cfg.flow_graph_past_pages
     if "lm_sms" in params and cfg.backend == "native" and cfg.lm_sms:
         kwargs["lm_sms"] = cfg.lm_sms
+    if "vocoder_mode" in params and cfg.backend == "native" and cfg.vocoder is not None:
+        kwargs["vocoder_mode"] = cfg.vocoder
     if "backend" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         kwargs["backend"] = cfg.backend
     elif cfg.backend != "native":

@@ -31,6 +31,7 @@ import torch
 from ..engine import Engine, SynthesisParams
 from ..engine.errors import EngineError
 from ..engine.scheduler import SchedulerConfig
+from ..engine.vocoder_worker import VOCODER_MODES
 
 TWENTY_WORDS = ("Thanks for calling, your order has shipped today and should arrive at your door "
                 "within three business days, anything else?")
@@ -406,6 +407,7 @@ class LevelRun:
     arrivals: str = "staggered"
     switch_interval: float | None = None  # the GIL switch interval for the level; None: as the engine set it
     scheduling: str | None = None  # vocoder policies for the level (see scheduling_config); None: the engine's
+    vocoder: str | None = None  # the vocoder's placement (engine/vocoder_worker.py); None: the engine's
 
 
 SCHEDULING = {"none": (False, False), "fit": (True, False), "hold": (False, True), "fit+hold": (True, True)}
@@ -490,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flow-levels", default="",
                         help="after the levels, LEVEL:FLOW runs with the flow paged or re-running every prefix, in "
                              "the order given (e.g. 32:paged,32:rerun,32:paged,32:rerun: interleaved rounds)")
+    parser.add_argument("--vocoder", default=None, choices=VOCODER_MODES,
+                        help="where the vocoder's host work runs (engine/vocoder_worker.py); default: the engine's")
+    parser.add_argument("--vocoder-levels", default="",
+                        help="after the levels, LEVEL:PLACEMENT runs with the vocoder on its own thread or launched "
+                             "from the LM loop, in the order given (e.g. 32:thread,32:overlap,32:thread,32:overlap)")
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,16x28,16x253L (batch x tokens; "
                              "L: the last chunk of a stream that long, after its earlier chunks)")
@@ -505,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                          compile_kernels=not args.eager_kernels,
                          flow_memory_gib=0 if args.unbatched and args.flow_memory_gib is None else args.flow_memory_gib,
                          lm_sms=args.lm_sms, paged_graph_past_pages=args.paged_graph_past_pages,
+                         **({} if args.vocoder is None else {"vocoder_mode": args.vocoder}),
                          **({} if args.paged_from_frames is None else {"paged_from_frames": args.paged_from_frames}))
     load_s = time.monotonic() - t0
     t0 = time.monotonic()
@@ -565,11 +573,15 @@ def main(argv: list[str] | None = None) -> int:
              for u, policy in parse_scheduling_levels(args.scheduling_levels)]
     runs += [LevelRun(u, flow, arrivals=args.arrivals) for u, flow in parse_named_levels(args.flow_levels, FLOWS, "FLOW")
              if flow == "rerun" or paged is not None]
+    runs += [LevelRun(u, default_flow, arrivals=args.arrivals, vocoder=placement)
+             for u, placement in parse_named_levels(args.vocoder_levels, VOCODER_MODES, "PLACEMENT")]
+    engine_vocoder = engine.vocoder_mode
     engine_scheduling = engine.scheduler.config
     for run in runs:
         switch = sys.getswitchinterval()
         if run.scheduling is not None:
             engine.scheduler.config = scheduling_config(engine_scheduling, run.scheduling)
+        engine.set_vocoder_mode(run.vocoder or engine_vocoder)
         with flow_setting(engine, paged if run.flow == "paged" else None, engine.token2wav.paged_from_frames):
             engine.runner.batch_prefill = run.batch_prefill
             if run.switch_interval is not None:
@@ -586,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["prefill"] = "batched" if run.batch_prefill else "single"
         summary["gil_switch_interval_s"] = run.switch_interval or switch
         summary["scheduling"] = run.scheduling or "engine"
+        summary["vocoder"] = engine.vocoder_mode
         summary["engine"] = {k: round(after[k] - before[k], 3) for k in keys if k in after}
         if "flow_memory_pages_free" in after:
             summary["engine"]["flow_memory_pages_free_after"] = after["flow_memory_pages_free"]

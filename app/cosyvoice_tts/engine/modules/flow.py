@@ -34,15 +34,17 @@ __all__ = [
     "CausalConditionalDecoder",
     "FlowBatch",
     "FlowStream",
+    "HostLengths",
 ]
 
 
 def join_prompt_and_tokens(prompt: torch.Tensor, prompt_lens: torch.Tensor, tokens: torch.Tensor,
-                           token_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                           token_lens: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per request: prompt[:Lp] followed by tokens[:Lt], left-aligned in one padded [B, max(Lp+Lt)] tensor
-    (gathered, so no per-request Python loop). Returns (joined, Lp + Lt)."""
+    (gathered, so no per-request Python loop). Returns (joined, Lp + Lt). width: max(Lp+Lt) when the caller
+    knows it (no host sync)."""
     total = prompt_lens + token_lens
-    width = max(int(total.max()), 1)
+    width = max(int(total.max()) if width is None else width, 1)
     both = torch.cat([prompt.to(tokens.dtype), tokens], dim=1)
     positions = torch.arange(width, device=tokens.device).unsqueeze(0)
     # Position p reads the prompt while p < Lp, then token p - Lp (stored after the prompt's padded width).
@@ -50,6 +52,26 @@ def join_prompt_and_tokens(prompt: torch.Tensor, prompt_lens: torch.Tensor, toke
                          prompt.shape[1] + positions - prompt_lens.unsqueeze(1))
     joined = torch.gather(both, 1, source.clamp(0, both.shape[1] - 1))
     return joined * lengths_to_valid(total, width).to(joined.dtype), total
+
+
+@dataclass(frozen=True)
+class HostLengths:
+    """`prepare_batch`'s token, prompt-token and prompt-mel lengths as host integers, one per request."""
+
+    token: Sequence[int]
+    prompt_token: Sequence[int]
+    prompt_feat: Sequence[int]
+
+    def encoded(self, finalize, lookahead: int, batch: int) -> "_EncodedLengths":
+        flags = list(finalize) if isinstance(finalize, (list, tuple)) else [bool(finalize)] * batch
+        totals = [t + p for t, p in zip(self.token, self.prompt_token)]
+        return _EncodedLengths(max(totals), [n - (0 if f else lookahead) for n, f in zip(totals, flags)])
+
+
+@dataclass(frozen=True)
+class _EncodedLengths:
+    width: int  # the longest prompt + tokens
+    encoded: list[int]  # tokens each request encodes (its lookahead left out while not finalized)
 
 
 @dataclass
@@ -188,9 +210,13 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
     @torch.inference_mode()
     def prepare_batch(self, token, token_len, prompt_token, prompt_token_len, prompt_feat, prompt_feat_len,
-                      embedding, streaming, finalize) -> FlowBatch:
+                      embedding, streaming, finalize, host_lengths: HostLengths | None = None) -> FlowBatch:
         """Everything before the sampler for B requests (arguments as `inference_batch`): embedding, the encoder
-        over each whole prefix, the projection to mu, the prompt condition and the speaker."""
+        over each whole prefix, the projection to mu, the prompt condition and the speaker.
+
+        host_lengths: the three length tensors' values, known to the caller; then the call validates and sizes
+        on the host and makes no host sync (the engine launches a vocoder batch between LM steps, and a sync
+        would wait for the GPU there)."""
         device = token.device
         batch = token.shape[0]
         streaming_flags = per_request_flags(streaming, batch, device)
@@ -198,21 +224,31 @@ class CausalMaskedDiffWithXvec(nn.Module):
         token_len = token_len.to(device=device, dtype=torch.long).reshape(batch)
         prompt_token_len = prompt_token_len.to(device=device, dtype=torch.long).reshape(batch)
         prompt_feat_len = prompt_feat_len.to(device=device, dtype=torch.long).reshape(batch)
+        known = host_lengths.encoded(finalize, self.pre_lookahead_len, batch) if host_lengths else None
 
         speaker = self.speaker_condition(embedding)
-        joined, total_len = join_prompt_and_tokens(prompt_token, prompt_token_len, token, token_len)
+        joined, total_len = join_prompt_and_tokens(prompt_token, prompt_token_len, token, token_len,
+                                                   width=known and known.width)
         valid = lengths_to_valid(total_len, joined.shape[1]).unsqueeze(-1)
         embedded = self.input_embedding(joined.clamp(min=0).long()) * valid.to(speaker.dtype)
 
         # Not finalized: the last tokens are lookahead context, their frames come with the next call.
         encoded_len = total_len - torch.where(finalize_flags, 0, self.pre_lookahead_len)
-        if bool((encoded_len <= 0).any()):
-            raise ValueError("a request has no tokens to encode (fewer than the lookahead while not finalized)")
-        h, mel_len = self.encoder.encode(embedded, total_len, encoded_len, streaming_flags)
+        no_tokens = "a request has no tokens to encode (fewer than the lookahead while not finalized)"
+        long_prompt = "prompt_feat is longer than the mel frames of prompt + tokens"
+        if known is not None:
+            if min(known.encoded) <= 0:
+                raise ValueError(no_tokens)
+            if any(f > self.token_mel_ratio * e for f, e in zip(host_lengths.prompt_feat, known.encoded)):
+                raise ValueError(long_prompt)
+        elif bool((encoded_len <= 0).any()):
+            raise ValueError(no_tokens)
+        h, mel_len = self.encoder.encode(embedded, total_len, encoded_len, streaming_flags,
+                                         max_out=known and max(known.encoded))
         mu = self.encoder_proj(h).transpose(1, 2).contiguous()
         frames = mu.shape[2]
-        if bool((prompt_feat_len > mel_len).any()):
-            raise ValueError("prompt_feat is longer than the mel frames of prompt + tokens")
+        if known is None and bool((prompt_feat_len > mel_len).any()):
+            raise ValueError(long_prompt)
         cond = self._prompt_condition(prompt_feat, prompt_feat_len, frames).to(mu.dtype)
         mask = lengths_to_valid(mel_len, frames).unsqueeze(1).to(mu.dtype)
         return FlowBatch(mu, mask, cond, speaker, mel_len, prompt_feat_len, streaming_flags)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..host_copy import to_device
+
 
 def lengths_to_valid(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """[B] lengths -> [B, max_len] bool, True at the real (non-padded) positions."""
@@ -25,7 +27,7 @@ def per_request_flags(flag: bool | torch.Tensor | list | tuple, batch: int, devi
     if isinstance(flag, torch.Tensor):
         flags = flag.to(device=device, dtype=torch.bool).reshape(-1)
     elif isinstance(flag, (list, tuple)):
-        flags = torch.tensor([bool(f) for f in flag], dtype=torch.bool, device=device)
+        flags = to_device([bool(f) for f in flag], device, torch.bool)
     else:
         flags = torch.full((batch,), bool(flag), dtype=torch.bool, device=device)
     if flags.numel() != batch:

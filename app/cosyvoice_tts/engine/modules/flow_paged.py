@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..host_copy import to_device
 from .flow_estimator import CausalConv1d, CausalConditionalDecoder, SelfAttention
 from . import pointwise
 
@@ -64,7 +65,7 @@ class EstimatorMemory:
     def clear_slots(self, slots: list[int]) -> None:
         """Zero the convolution history of `slots` in every step: a new stream's frames before its start are the
         convolutions' zero padding."""
-        index = torch.tensor(slots, dtype=torch.long).to(self.history[0].device)  # one copy for every history
+        index = to_device(slots, self.history[0].device, torch.long)  # one copy for every history
         for history in self.history:
             history.view(self.steps, self.slots, *history.shape[1:]).index_fill_(1, index, 0)
 

@@ -1,0 +1,22 @@
+"""Host data onto the GPU without waiting for it.
+
+A plain host-to-device copy in torch (`tensor.to("cuda")`, `torch.tensor(..., device="cuda")`, `copy_` from a
+CPU tensor) synchronises the current stream after the copy. On the vocoder's stream that means waiting for every
+kernel queued before it: a batch launched from the LM loop (vocoder_worker.py, "overlap") would hold the loop
+until the flow sampler queued ahead of it had run. Staged in pinned memory, the copy is queued like a kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def to_device(data, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`data` (a tensor, numpy array or list) on `device`, in stream order, not waited for."""
+    device = torch.device(device)
+    tensor = data if isinstance(data, torch.Tensor) else torch.as_tensor(data, dtype=dtype)
+    if dtype is not None and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    # The pinned block goes back to torch's host cache, which reuses it only once the copy is done.
+    return tensor.pin_memory().to(device, non_blocking=True)

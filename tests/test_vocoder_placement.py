@@ -1,0 +1,113 @@
+"""The vocoder's two placements (engine/vocoder_worker.py): its own thread, or launched from the LM loop with the
+audio collected later. Same requests, same seeds: the same tokens and audio either way; a failing batch fails
+only its own requests."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice_tts.engine import Engine, EngineError, SynthesisParams
+from cosyvoice_tts.engine.vocoder_worker import OverlappedVocoder, VocoderWorker, make_vocoder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TEXTS = ["Sentence number one, a little longer than the rest of them.", "第二句话。", "Three.",
+         "第四句话，也长一点，让它多出几个分块。"]
+
+
+def synthesize_together(engine: Engine) -> dict[int, tuple[np.ndarray, dict]]:
+    requests = [engine.submit(SynthesisParams(voice="中文女" if i % 2 else "英文女", seed=40 + i), text=text)
+                for i, text in enumerate(TEXTS)]
+    results: dict[int, tuple[np.ndarray, dict]] = {}
+    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, (r.audio(), r.summary)))
+               for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    engine = Engine.load(tiny_model_dir, max_sessions=4)
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+def test_both_placements_give_the_same_tokens_and_audio(engine):
+    by_mode = {}
+    for mode in ("thread", "overlap", "thread"):
+        engine.set_vocoder_mode(mode)
+        assert isinstance(engine.vocoder, VocoderWorker if mode == "thread" else OverlappedVocoder)
+        by_mode.setdefault(mode, synthesize_together(engine))
+    for i in range(len(TEXTS)):
+        (thread_audio, thread_summary), (overlap_audio, overlap_summary) = by_mode["thread"][i], by_mode["overlap"][i]
+        assert thread_summary["outcome"] == overlap_summary["outcome"] == "ok"
+        assert thread_summary["speech_tokens"] == overlap_summary["speech_tokens"]
+        assert thread_audio.shape == overlap_audio.shape and thread_audio.size > 0
+        # Batches may group chunks differently; batched flow and HiFT agree within float rounding.
+        np.testing.assert_allclose(overlap_audio, thread_audio, atol=1e-4)
+
+
+def test_overlap_engine_streams_and_cancels(tiny_model_dir):
+    engine = Engine.load(tiny_model_dir, max_sessions=2, vocoder_mode="overlap")
+    engine.start()
+    try:
+        assert engine.vocoder_mode == "overlap"
+        request = engine.submit(SynthesisParams(voice="中文女", seed=5), text="第一句话。第二句话，长一些。")
+        chunks = list(request)
+        assert len(chunks) > 1 and request.summary["outcome"] == "ok"
+        long = engine.submit(SynthesisParams(voice="中文女", seed=6), text="这是一句很长的话。" * 6)
+        next(iter(long))
+        long.cancel()
+        assert long.audio().size >= 0 and long.stats.outcome == "cancelled"
+        assert engine.submit(SynthesisParams(voice="中文女", seed=7), text="再来一句。").audio().size > 0
+    finally:
+        engine.shutdown()
+
+
+def test_placement_switch_needs_an_idle_engine_and_a_known_mode(engine):
+    with pytest.raises(ValueError, match="overlap"):
+        engine.set_vocoder_mode("process")
+    request = engine.submit(SynthesisParams(voice="中文女", seed=1), text="这是一句很长的话，" * 8)
+    try:
+        with pytest.raises(EngineError, match="idle"):
+            engine.set_vocoder_mode("overlap" if engine.vocoder_mode == "thread" else "thread")
+    finally:
+        request.cancel()
+        request.audio()
+    with pytest.raises(ValueError, match="vocoder_mode"):
+        Engine(None, None, torch.device("cpu"), torch.float32, 1, 16, vocoder_mode="inline")
+
+
+class _Broken:
+    """A Token2Wav whose launch fails, as a bad kernel would."""
+
+    def launch_batch(self, items):
+        raise RuntimeError("kernel failed")
+
+
+@pytest.mark.parametrize("mode", ["thread", "overlap"])
+def test_a_failed_batch_fails_its_requests_and_the_vocoder_lives_on(mode):
+    woken = threading.Event()
+    worker = make_vocoder(mode, _Broken(), torch.device("cpu"), woken.set)
+    try:
+        worker.submit([("request", "state", "chunk", None)])
+        assert woken.wait(10)
+        results = []
+        for _ in range(100):
+            results += worker.take_results()
+            if results:
+                break
+            woken.clear()
+            woken.wait(0.1)
+        (request, state, audio, error), = results
+        assert (request, state, audio) == ("request", "state", None) and "kernel failed" in str(error)
+        assert worker.idle
+    finally:
+        worker.stop()
