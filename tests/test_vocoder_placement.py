@@ -4,13 +4,17 @@ only its own requests."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from cosyvoice_tts.engine import Engine, EngineError, SynthesisParams
-from cosyvoice_tts.engine.vocoder_worker import OverlappedVocoder, VocoderWorker, make_vocoder
+from cosyvoice_tts.engine.scheduler import Scheduler, SchedulerConfig
+from cosyvoice_tts.engine.vocoder_worker import (VOCODER_MODES, OverlappedVocoder, SerialVocoder, VocoderWorker,
+                                                 make_vocoder)
+from cosyvoice_tts.server.config import VOCODER_MODES as WORKER_VOCODER_MODES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,19 +43,24 @@ def engine(tiny_model_dir):
     engine.shutdown()
 
 
-def test_both_placements_give_the_same_tokens_and_audio(engine):
+WORKERS = {"thread": VocoderWorker, "overlap": OverlappedVocoder, "serial": SerialVocoder}
+
+
+def test_every_placement_gives_the_same_tokens_and_audio(engine):
+    assert set(WORKERS) == set(VOCODER_MODES) == set(WORKER_VOCODER_MODES)
     by_mode = {}
-    for mode in ("thread", "overlap", "thread"):
+    for mode in ("thread", "overlap", "serial", "thread"):
         engine.set_vocoder_mode(mode)
-        assert isinstance(engine.vocoder, VocoderWorker if mode == "thread" else OverlappedVocoder)
+        assert isinstance(engine.vocoder, WORKERS[mode]) and engine.vocoder_mode == mode
         by_mode.setdefault(mode, synthesize_together(engine))
-    for i in range(len(TEXTS)):
-        (thread_audio, thread_summary), (overlap_audio, overlap_summary) = by_mode["thread"][i], by_mode["overlap"][i]
-        assert thread_summary["outcome"] == overlap_summary["outcome"] == "ok"
-        assert thread_summary["speech_tokens"] == overlap_summary["speech_tokens"]
-        assert thread_audio.shape == overlap_audio.shape and thread_audio.size > 0
-        # Batches may group chunks differently; batched flow and HiFT agree within float rounding.
-        np.testing.assert_allclose(overlap_audio, thread_audio, atol=1e-4)
+    for mode in ("overlap", "serial"):
+        for i in range(len(TEXTS)):
+            (thread_audio, thread_summary), (audio, summary) = by_mode["thread"][i], by_mode[mode][i]
+            assert thread_summary["outcome"] == summary["outcome"] == "ok"
+            assert thread_summary["speech_tokens"] == summary["speech_tokens"]
+            assert thread_audio.shape == audio.shape and thread_audio.size > 0
+            # Batches may group chunks differently; batched flow and HiFT agree within float rounding.
+            np.testing.assert_allclose(audio, thread_audio, atol=1e-4)
 
 
 def test_overlap_engine_streams_and_cancels(tiny_model_dir):
@@ -92,7 +101,7 @@ class _Broken:
         raise RuntimeError("kernel failed")
 
 
-@pytest.mark.parametrize("mode", ["thread", "overlap"])
+@pytest.mark.parametrize("mode", VOCODER_MODES)
 def test_a_failed_batch_fails_its_requests_and_the_vocoder_lives_on(mode):
     woken = threading.Event()
     worker = make_vocoder(mode, _Broken(), torch.device("cpu"), woken.set)
@@ -111,3 +120,23 @@ def test_a_failed_batch_fails_its_requests_and_the_vocoder_lives_on(mode):
         assert worker.idle
     finally:
         worker.stop()
+
+
+def chunk(first: bool, ahead_s: float = 2.0, now: float = 100.0):
+    if first:
+        return SimpleNamespace(stats=SimpleNamespace(first_chunk_at=None))
+    # playing for 10 s, with `ahead_s` more audio than that delivered
+    return SimpleNamespace(sample_rate=100, stats=SimpleNamespace(first_chunk_at=now - 10.0,
+                                                                 audio_samples=int((10.0 + ahead_s) * 100)))
+
+
+def test_serial_batches_leave_the_lm_its_gap_unless_a_stream_runs_dry():
+    scheduler = Scheduler(SchedulerConfig(serial_gap_s=0.04, serial_full_batch=3))
+    due = scheduler.serial_batch_due
+    now, just_now, a_while_ago = 100.0, 99.99, 99.9
+    assert due([chunk(False, 2.0)], lm_work=False, now=now, last_batch_end=just_now)  # nothing else to run
+    assert due([chunk(False, 0.2)], lm_work=True, now=now, last_batch_end=just_now)  # about to run dry
+    assert not due([chunk(True)], lm_work=True, now=now, last_batch_end=just_now)  # within the gap
+    assert due([chunk(True)], lm_work=True, now=now, last_batch_end=a_while_ago)
+    assert not due([chunk(False), chunk(False)], lm_work=True, now=now, last_batch_end=a_while_ago)  # can wait
+    assert due([chunk(False)] * 3, lm_work=True, now=now, last_batch_end=a_while_ago)  # a full batch

@@ -201,7 +201,7 @@ class Engine:
         paged_graph_past_pages: the longest past (50-frame pages) whose incremental flow calls get CUDA graphs at
         start (None: all, up to 64). lm_sms: SMs kept for the LM alone, the vocoder getting the rest
         (sm_partition.py); None or 0: both share the whole GPU. vocoder_mode: where the vocoder's host work runs,
-        "thread" or "overlap" (vocoder_worker.py)."""
+        "thread", "overlap" or "serial" (vocoder_worker.py)."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -438,7 +438,7 @@ class Engine:
             self._admit()
             self._drain_inboxes()
             plan = self.scheduler.plan(self._active)
-            vocode = bool(plan.chunks) and self.vocoder.idle
+            vocode = bool(plan.chunks) and self.vocoder.idle and self._vocoder_due(plan)
             if self._first_chunk_in_flight and not vocode:
                 self._yield_to_first_chunk(plan)
             lm_work = bool(plan.extend or plan.decode)
@@ -535,6 +535,14 @@ class Engine:
                     request.stream.lm_done = True
             except (LMProtocolError, SamplingError) as exc:
                 self._fail(request, EngineError("generation_failed", str(exc)))
+
+    def _vocoder_due(self, plan) -> bool:
+        """Ready chunks go to an idle vocoder at once, except with the serial placement, which holds the LM while
+        it runs: there the scheduler decides (`Scheduler.serial_batch_due`)."""
+        if self.vocoder.mode != "serial":
+            return True
+        return self.scheduler.serial_batch_due(plan.chunks, bool(plan.extend or plan.decode), time.monotonic(),
+                                               self.vocoder.finished_at)
 
     def _run(self, plan, hand_off=None) -> None:
         """One LM step. `hand_off` (chunks to the vocoder) runs while the GPU decodes; first if nothing decodes."""

@@ -10,6 +10,9 @@
   it, while it goes on stepping the LM. One Python thread does all the host work, so nothing waits for the GIL;
   the GPU still runs both stages side by side. A helper thread only waits for each batch's completion event
   (without the GIL) to wake the loop when it has nothing else to do.
+- "serial": the engine loop runs each batch to its end instead of LM steps, so the GPU runs one stage at a time
+  (both stages are launch-bound: side by side, each slows the other); the scheduler decides when a batch is due
+  (`Scheduler.serial_batch_due`), so that LM steps get their share.
 
 Either way the engine hands a batch over when the vocoder is idle and collects the results at its next step;
 at most one batch is in flight, so the batch grows with the load.
@@ -29,14 +32,14 @@ from .token2wav import Token2Wav, VocodedBatch
 
 log = logging.getLogger(__name__)
 
-VOCODER_MODES = ("thread", "overlap")
+VOCODER_MODES = ("thread", "overlap", "serial")
 
 
 def make_vocoder(mode: str, token2wav: Token2Wav, device: torch.device, on_done,
                  stream: torch.cuda.Stream | None = None) -> "VocoderWorker | OverlappedVocoder":
     if mode not in VOCODER_MODES:
         raise ValueError(f"vocoder mode must be one of {', '.join(VOCODER_MODES)}, not {mode!r}")
-    worker = VocoderWorker if mode == "thread" else OverlappedVocoder
+    worker = {"thread": VocoderWorker, "overlap": OverlappedVocoder, "serial": SerialVocoder}[mode]
     return worker(token2wav, device, on_done, stream)
 
 
@@ -184,3 +187,37 @@ class OverlappedVocoder(_Vocoder):
             except RuntimeError:  # a failed kernel: the loop's own result() reports it
                 log.exception("waiting for a vocoder batch failed")
             self.on_done()
+
+
+class SerialVocoder(_Vocoder):
+    """The "serial" placement (see the module doc): `submit` returns once the batch's audio is on the host."""
+
+    mode = "serial"
+
+    def __init__(self, token2wav: Token2Wav, device: torch.device, on_done, stream: torch.cuda.Stream | None = None):
+        super().__init__(token2wav, device, on_done, stream)
+        self._results: list = []
+        self.finished_at = float("-inf")  # time.monotonic() at the end of the last batch
+
+    @property
+    def idle(self) -> bool:
+        return True
+
+    def submit(self, batch: list) -> None:
+        started = time.perf_counter()
+        try:
+            outcome = self._outcome(batch, self._launch(batch).result(), None)
+        except Exception as exc:  # reported per request by the engine
+            log.exception("vocoder batch failed")
+            outcome = self._outcome(batch, None, exc)
+        self.busy_s += time.perf_counter() - started
+        self.finished_at = time.monotonic()
+        self._results.extend(outcome)
+        self.on_done()
+
+    def take_results(self) -> list:
+        results, self._results = self._results, []
+        return results
+
+    def stop(self) -> None:
+        pass

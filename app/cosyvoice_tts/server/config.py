@@ -11,6 +11,10 @@ AUTH_TOKEN_ENV = "COSYVOICE_TTS_AUTH_TOKEN"
 CACHE_ENV = "COSYVOICE_TTS_CACHE"
 
 
+# The engine's vocoder placements (engine/vocoder_worker.py VOCODER_MODES; not imported: parsing needs no torch)
+VOCODER_MODES = ("thread", "overlap", "serial")
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -72,8 +76,8 @@ class ServerConfig:
             raise ValueError("--lm-sms must be >= 0")
         if self.flow_graph_past_pages is not None and self.flow_graph_past_pages < 0:
             raise ValueError("--flow-graph-past-pages must be >= 0")
-        if self.vocoder not in (None, "thread", "overlap"):
-            raise ValueError("--vocoder must be thread or overlap")
+        if self.vocoder is not None and self.vocoder not in VOCODER_MODES:
+            raise ValueError(f"--vocoder must be one of {', '.join(VOCODER_MODES)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,10 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--vocoder",
-        choices=("thread", "overlap"),
+        choices=VOCODER_MODES,
         default=None,
-        help="native backend: where the vocoder's host work runs: its own Python thread, or launched from the LM "
-        "loop between a step's launch and its result (overlap: no GIL shared between the two) (default: overlap)",
+        help="native backend: where the vocoder's host work runs: its own Python thread; launched from the LM loop "
+        "between a step's launch and its result (overlap: no GIL shared by two threads); or run by the LM loop "
+        "instead of LM steps (serial: one stage on the GPU at a time) (default: thread)",
     )
     p.add_argument(
         "--max-connections", type=int, default=0, help="open WebSocket connections (default 4 x --max-sessions)"
