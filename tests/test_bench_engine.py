@@ -23,7 +23,7 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
                               "--concurrency", "1", "--duration", "1", "--max-sessions", "2",
                               "--stage-times", "1x28,1x90L", "--rerun-levels", "1", "--paged-from-frames", "0",
                               "--single-prefill-levels", "2", "--burst-levels", "2", "--default-switch-levels", "1",
-                              "--flow-levels", "1:rerun",
+                              "--flow-levels", "1:rerun", "--vocoder-levels", "1:overlap,1:serial",
                               # no ramp: on a slow CPU a level's first request could outlast it (the ramp's
                               # counting is tested below with stand-in requests)
                               "--ramp", "0", "--out", str(out)])
@@ -36,8 +36,13 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
     assert [(level["concurrency"], level["flow"], level["prefill"], level["arrivals"]) for level in report["levels"]] \
         == [(1, "paged", "batched", "staggered"), (1, "rerun", "batched", "staggered"),
             (2, "paged", "single", "staggered"), (2, "paged", "batched", "burst"),
-            (1, "paged", "batched", "staggered"), (1, "rerun", "batched", "staggered")]
-    paged_level, rerun_level, single_level, burst_level, switch_level, flow_level = report["levels"]
+            (1, "paged", "batched", "staggered"), (1, "rerun", "batched", "staggered"),
+            (1, "paged", "batched", "staggered"), (1, "paged", "batched", "staggered")]
+    paged_level, rerun_level, single_level, burst_level, switch_level, flow_level, overlap_level, serial_level = \
+        report["levels"]
+    assert [level["vocoder"] for level in report["levels"]] == ["thread"] * 6 + ["overlap", "serial"]
+    for level in (overlap_level, serial_level):
+        assert not level["errors"] and level["requests"] >= 1 and level["engine"]["vocoder_batches"] > 0
     assert flow_level["engine"]["flow_paged_graphed_calls"] + flow_level["engine"]["flow_paged_eager_calls"] == 0
     assert burst_level["warmup_requests"] == 0 and not burst_level["errors"]
     assert switch_level["gil_switch_interval_s"] == bench_engine.DEFAULT_SWITCH_INTERVAL_S
@@ -95,3 +100,11 @@ def test_scheduling_levels_name_the_vocoder_policies():
     assert (none.fit_batches, none.hold_ahead_s) == (False, None)
     both = bench_engine.scheduling_config(none, "fit+hold")
     assert both.fit_batches and both.hold_ahead_s == SchedulerConfig.hold_ahead_s
+
+
+def test_decode_check_runs_where_there_are_no_graphs(tiny_model_dir):
+    from cosyvoice_tts.engine import Engine
+
+    engine = Engine.load(tiny_model_dir, max_sessions=4)  # CPU: both steps eager, so equal
+    assert bench_engine.check_decode_graphs(engine) == 0.0
+    assert engine.runner.cache.free_slots() == 4

@@ -217,6 +217,30 @@ def check_prefill_graphs(engine: Engine) -> float:
 
 
 @torch.inference_mode()
+def check_decode_graphs(engine: Engine) -> float:
+    """A graphed decode step of three requests (read back through the runner's pinned buffer) against the eager
+    step on the same rows: max abs diff of the log-probabilities."""
+    from ..engine.model_runner import DecodeRow
+
+    runner = engine.runner
+    slots = [runner.cache.allocate() for _ in range(3)]
+    try:
+        for slot in slots:
+            runner.extend(slot, 0, [("sos", []), ("text", list(range(100, 120))), ("task", [])])
+        rows = [DecodeRow(slot, 22, 5 + i) for i, slot in enumerate(slots)]
+        graphed = [d.logp.clone() for d in runner.decode(rows)]
+        saved, runner.graphs = runner.graphs, {}
+        try:
+            eager = [d.logp for d in runner.decode(rows)]
+        finally:
+            runner.graphs = saved
+    finally:
+        for slot in slots:
+            runner.cache.release(slot)
+    return round(max(float((a - b).abs().max()) for a, b in zip(graphed, eager)), 6)
+
+
+@torch.inference_mode()
 def check_batched_prefill(engine: Engine) -> float:
     """Three prompts prefilled in one captured batch against each alone: max abs diff of the log-probabilities."""
     runner = engine.runner
@@ -535,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                check_encoder_graphs),
               ("hift_graph", engine.hift_graphs is not None, check_hift_graphs),
               ("prefill_graph", bool(engine.runner.extend_graphs), check_prefill_graphs),
+              ("decode_graph", bool(engine.runner.graphs), check_decode_graphs),
               ("batched_prefill_vs_single", any(rows > 1 for rows, _, _ in engine.runner.extend_graphs),
                check_batched_prefill),
               ("paged_flow_vs_rerun", engine.paged_flow is not None,
