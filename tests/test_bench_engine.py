@@ -108,3 +108,15 @@ def test_decode_check_runs_where_there_are_no_graphs(tiny_model_dir):
     engine = Engine.load(tiny_model_dir, max_sessions=4)  # CPU: both steps eager, so equal
     assert bench_engine.check_decode_graphs(engine) == 0.0
     assert engine.runner.cache.free_slots() == 4
+
+
+def test_vocoder_levels_name_a_placement_and_scheduler_settings():
+    from cosyvoice_tts.engine.scheduler import SchedulerConfig
+
+    runs = bench_engine.parse_vocoder_levels("32:thread,,16:serial:serial_gap_s=0.08:serial_full_batch=8")
+    assert runs == [(32, "thread", ()), (16, "serial", (("serial_gap_s", 0.08), ("serial_full_batch", 8.0)))]
+    config = bench_engine.level_config(SchedulerConfig(), runs[1][2])
+    assert config.serial_gap_s == 0.08 and config.serial_full_batch == 8 and isinstance(config.serial_full_batch, int)
+    for bad in ("32:fast", "32:serial:fit_batches=1", "32:serial:serial_gap_s", "32:serial:nope=2"):
+        with pytest.raises(ValueError, match="LEVEL:PLACEMENT|FIELD=VALUE"):
+            bench_engine.parse_vocoder_levels(bad)

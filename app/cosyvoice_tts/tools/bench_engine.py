@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -432,6 +432,7 @@ class LevelRun:
     switch_interval: float | None = None  # the GIL switch interval for the level; None: as the engine set it
     scheduling: str | None = None  # vocoder policies for the level (see scheduling_config); None: the engine's
     vocoder: str | None = None  # the vocoder's placement (engine/vocoder_worker.py); None: the engine's
+    settings: tuple[tuple[str, float], ...] = ()  # SchedulerConfig fields set for the level (parse_vocoder_levels)
 
 
 SCHEDULING = {"none": (False, False), "fit": (True, False), "hold": (False, True), "fit+hold": (True, True)}
@@ -456,6 +457,34 @@ def parse_named_levels(text: str, names, what: str = "POLICY") -> list[tuple[int
             raise ValueError(f"{item!r}: expected LEVEL:{what} with {what} one of {', '.join(names)}")
         runs.append((int(users), name))
     return runs
+
+
+def parse_vocoder_levels(text: str) -> list[tuple[int, str, tuple[tuple[str, float], ...]]]:
+    """"32:thread,32:serial:serial_gap_s=0.08" -> [(32, "thread", ()), (32, "serial", (("serial_gap_s", 0.08),))]:
+    LEVEL:PLACEMENT, then any number of :FIELD=VALUE, numeric fields of SchedulerConfig set for that level."""
+    numeric = {f.name for f in fields(SchedulerConfig) if f.type in ("int", "float", "float | None", "int | None")}
+    runs = []
+    for item in filter(None, text.split(",")):
+        users, placement, *assignments = item.split(":")
+        if placement not in VOCODER_MODES:
+            raise ValueError(f"{item!r}: expected LEVEL:PLACEMENT[:FIELD=VALUE...] with PLACEMENT one of "
+                             f"{', '.join(VOCODER_MODES)}")
+        settings = []
+        for assignment in assignments:
+            name, _, value = assignment.partition("=")
+            if name not in numeric or not value:
+                raise ValueError(f"{item!r}: {assignment!r} is not FIELD=VALUE of a numeric scheduler setting "
+                                 f"({', '.join(sorted(numeric))})")
+            settings.append((name, float(value)))
+        runs.append((int(users), placement, tuple(settings)))
+    return runs
+
+
+def level_config(config: SchedulerConfig, settings: tuple[tuple[str, float], ...]) -> SchedulerConfig:
+    """`config` with a level's settings, each in its field's type."""
+    types = {f.name: f.type for f in fields(SchedulerConfig)}
+    return replace(config, **{name: int(value) if types[name].startswith("int") else value
+                              for name, value in settings})
 
 
 def parse_scheduling_levels(text: str) -> list[tuple[int, str]]:
@@ -519,8 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocoder", default=None, choices=VOCODER_MODES,
                         help="where the vocoder's host work runs (engine/vocoder_worker.py); default: the engine's")
     parser.add_argument("--vocoder-levels", default="",
-                        help="after the levels, LEVEL:PLACEMENT runs with the vocoder on its own thread or launched "
-                             "from the LM loop, in the order given (e.g. 32:thread,32:overlap,32:thread,32:overlap)")
+                        help="after the levels, LEVEL:PLACEMENT[:FIELD=VALUE...] runs with the vocoder placed as "
+                             "named (thread, overlap, serial) and scheduler settings changed, in the order given "
+                             "(e.g. 32:thread,32:overlap,32:serial:serial_gap_s=0.08)")
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,16x28,16x253L (batch x tokens; "
                              "L: the last chunk of a stream that long, after its earlier chunks)")
@@ -598,14 +628,16 @@ def main(argv: list[str] | None = None) -> int:
              for u, policy in parse_scheduling_levels(args.scheduling_levels)]
     runs += [LevelRun(u, flow, arrivals=args.arrivals) for u, flow in parse_named_levels(args.flow_levels, FLOWS, "FLOW")
              if flow == "rerun" or paged is not None]
-    runs += [LevelRun(u, default_flow, arrivals=args.arrivals, vocoder=placement)
-             for u, placement in parse_named_levels(args.vocoder_levels, VOCODER_MODES, "PLACEMENT")]
+    runs += [LevelRun(u, default_flow, arrivals=args.arrivals, vocoder=placement, settings=settings)
+             for u, placement, settings in parse_vocoder_levels(args.vocoder_levels)]
     engine_vocoder = engine.vocoder_mode
     engine_scheduling = engine.scheduler.config
     for run in runs:
         switch = sys.getswitchinterval()
         if run.scheduling is not None:
             engine.scheduler.config = scheduling_config(engine_scheduling, run.scheduling)
+        if run.settings:
+            engine.scheduler.config = level_config(engine.scheduler.config, run.settings)
         engine.set_vocoder_mode(run.vocoder or engine_vocoder)
         with flow_setting(engine, paged if run.flow == "paged" else None, engine.token2wav.paged_from_frames):
             engine.runner.batch_prefill = run.batch_prefill
@@ -624,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["gil_switch_interval_s"] = run.switch_interval or switch
         summary["scheduling"] = run.scheduling or "engine"
         summary["vocoder"] = engine.vocoder_mode
+        summary["settings"] = dict(run.settings)
         summary["engine"] = {k: round(after[k] - before[k], 3) for k in keys if k in after}
         if "flow_memory_pages_free" in after:
             summary["engine"]["flow_memory_pages_free_after"] = after["flow_memory_pages_free"]
