@@ -23,7 +23,7 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
                               "--concurrency", "1", "--duration", "1", "--max-sessions", "2",
                               "--stage-times", "1x28,1x90L", "--rerun-levels", "1", "--paged-from-frames", "0",
                               "--single-prefill-levels", "2", "--burst-levels", "2", "--default-switch-levels", "1",
-                              "--flow-levels", "1:rerun", "--vocoder-levels", "1:overlap,1:serial",
+                              "--flow-levels", "1:rerun", "--vocoder-levels", "1:thread,1:overlap:hold_ahead_s=0.5",
                               # no ramp: on a slow CPU a level's first request could outlast it (the ramp's
                               # counting is tested below with stand-in requests)
                               "--ramp", "0", "--out", str(out)])
@@ -38,10 +38,11 @@ def test_report_compares_the_paged_flow_with_the_rerun(tiny_model_dir, tmp_path)
             (2, "paged", "single", "staggered"), (2, "paged", "batched", "burst"),
             (1, "paged", "batched", "staggered"), (1, "rerun", "batched", "staggered"),
             (1, "paged", "batched", "staggered"), (1, "paged", "batched", "staggered")]
-    paged_level, rerun_level, single_level, burst_level, switch_level, flow_level, overlap_level, serial_level = \
+    paged_level, rerun_level, single_level, burst_level, switch_level, flow_level, thread_level, overlap_level = \
         report["levels"]
-    assert [level["vocoder"] for level in report["levels"]] == ["thread"] * 6 + ["overlap", "serial"]
-    for level in (overlap_level, serial_level):
+    assert [level["vocoder"] for level in report["levels"]] == ["overlap"] * 6 + ["thread", "overlap"]
+    assert overlap_level["settings"] == {"hold_ahead_s": 0.5} and thread_level["settings"] == {}
+    for level in (overlap_level, thread_level):
         assert not level["errors"] and level["requests"] >= 1 and level["engine"]["vocoder_batches"] > 0
     assert flow_level["engine"]["flow_paged_graphed_calls"] + flow_level["engine"]["flow_paged_eager_calls"] == 0
     assert burst_level["warmup_requests"] == 0 and not burst_level["errors"]
@@ -113,10 +114,11 @@ def test_decode_check_runs_where_there_are_no_graphs(tiny_model_dir):
 def test_vocoder_levels_name_a_placement_and_scheduler_settings():
     from cosyvoice_tts.engine.scheduler import SchedulerConfig
 
-    runs = bench_engine.parse_vocoder_levels("32:thread,,16:serial:serial_gap_s=0.08:serial_full_batch=8")
-    assert runs == [(32, "thread", ()), (16, "serial", (("serial_gap_s", 0.08), ("serial_full_batch", 8.0)))]
+    runs = bench_engine.parse_vocoder_levels("32:thread,,16:overlap:hold_ahead_s=0.5:max_vocoder_frames=4096")
+    assert runs == [(32, "thread", ()), (16, "overlap", (("hold_ahead_s", 0.5), ("max_vocoder_frames", 4096.0)))]
     config = bench_engine.level_config(SchedulerConfig(), runs[1][2])
-    assert config.serial_gap_s == 0.08 and config.serial_full_batch == 8 and isinstance(config.serial_full_batch, int)
-    for bad in ("32:fast", "32:serial:fit_batches=1", "32:serial:serial_gap_s", "32:serial:nope=2"):
+    assert config.hold_ahead_s == 0.5 and config.max_vocoder_frames == 4096
+    assert isinstance(config.max_vocoder_frames, int)
+    for bad in ("32:fast", "32:overlap:fit_batches=1", "32:overlap:hold_ahead_s", "32:overlap:nope=2"):
         with pytest.raises(ValueError, match="LEVEL:PLACEMENT|FIELD=VALUE"):
             bench_engine.parse_vocoder_levels(bad)

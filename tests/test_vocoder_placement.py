@@ -4,6 +4,7 @@ only its own requests."""
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,9 +12,8 @@ import pytest
 import torch
 
 from cosyvoice_tts.engine import Engine, EngineError, SynthesisParams
-from cosyvoice_tts.engine.scheduler import Scheduler, SchedulerConfig
-from cosyvoice_tts.engine.vocoder_worker import (VOCODER_MODES, OverlappedVocoder, SerialVocoder, VocoderWorker,
-                                                 make_vocoder)
+from cosyvoice_tts.engine.token2wav import FlowLaunched, VocodedBatch
+from cosyvoice_tts.engine.vocoder_worker import VOCODER_MODES, OverlappedVocoder, VocoderWorker, make_vocoder
 from cosyvoice_tts.server.config import VOCODER_MODES as WORKER_VOCODER_MODES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,17 +43,17 @@ def engine(tiny_model_dir):
     engine.shutdown()
 
 
-WORKERS = {"thread": VocoderWorker, "overlap": OverlappedVocoder, "serial": SerialVocoder}
+WORKERS = {"thread": VocoderWorker, "overlap": OverlappedVocoder}
 
 
 def test_every_placement_gives_the_same_tokens_and_audio(engine):
     assert set(WORKERS) == set(VOCODER_MODES) == set(WORKER_VOCODER_MODES)
     by_mode = {}
-    for mode in ("thread", "overlap", "serial", "thread"):
+    for mode in ("thread", "overlap", "thread"):
         engine.set_vocoder_mode(mode)
         assert isinstance(engine.vocoder, WORKERS[mode]) and engine.vocoder_mode == mode
         by_mode.setdefault(mode, synthesize_together(engine))
-    for mode in ("overlap", "serial"):
+    for mode in ("overlap",):
         for i in range(len(TEXTS)):
             (thread_audio, thread_summary), (audio, summary) = by_mode["thread"][i], by_mode[mode][i]
             assert thread_summary["outcome"] == summary["outcome"] == "ok"
@@ -100,6 +100,8 @@ class _Broken:
     def launch_batch(self, items):
         raise RuntimeError("kernel failed")
 
+    launch_flow = launch_batch
+
 
 @pytest.mark.parametrize("mode", VOCODER_MODES)
 def test_a_failed_batch_fails_its_requests_and_the_vocoder_lives_on(mode):
@@ -122,21 +124,42 @@ def test_a_failed_batch_fails_its_requests_and_the_vocoder_lives_on(mode):
         worker.stop()
 
 
-def chunk(first: bool, ahead_s: float = 2.0, now: float = 100.0):
-    if first:
-        return SimpleNamespace(stats=SimpleNamespace(first_chunk_at=None))
-    # playing for 10 s, with `ahead_s` more audio than that delivered
-    return SimpleNamespace(sample_rate=100, stats=SimpleNamespace(first_chunk_at=now - 10.0,
-                                                                 audio_samples=int((10.0 + ahead_s) * 100)))
+
+class _SlowFlow(FlowLaunched):
+    """A flow stage the test finishes by hand (`done`), then a HiFT stage with two items' audio."""
+
+    def __init__(self):
+        self.event, self.done, self.vocoder_launches = None, False, 0
+
+    def ready(self) -> bool:
+        return self.done
+
+    def wait(self) -> None:
+        while not self.done:
+            time.sleep(0.001)
+
+    def launch_vocoder(self) -> VocodedBatch:
+        self.vocoder_launches += 1
+        return VocodedBatch(torch.arange(5, dtype=torch.float32), [2, 3])
 
 
-def test_serial_batches_leave_the_lm_its_gap_unless_a_stream_runs_dry():
-    scheduler = Scheduler(SchedulerConfig(serial_gap_s=0.04, serial_full_batch=3))
-    due = scheduler.serial_batch_due
-    now, just_now, a_while_ago = 100.0, 99.99, 99.9
-    assert due([chunk(False, 2.0)], lm_work=False, now=now, last_batch_end=just_now)  # nothing else to run
-    assert due([chunk(False, 0.2)], lm_work=True, now=now, last_batch_end=just_now)  # about to run dry
-    assert not due([chunk(True)], lm_work=True, now=now, last_batch_end=just_now)  # within the gap
-    assert due([chunk(True)], lm_work=True, now=now, last_batch_end=a_while_ago)
-    assert not due([chunk(False), chunk(False)], lm_work=True, now=now, last_batch_end=a_while_ago)  # can wait
-    assert due([chunk(False)] * 3, lm_work=True, now=now, last_batch_end=a_while_ago)  # a full batch
+def test_overlap_launches_hift_once_the_flow_is_done():
+    flow, woken = _SlowFlow(), threading.Event()
+    token2wav = SimpleNamespace(launch_flow=lambda items: flow)
+    worker = OverlappedVocoder(token2wav, torch.device("cpu"), woken.set)
+    try:
+        worker.submit([("a", "state a", "chunk", None), ("b", "state b", "chunk", None)])
+        assert not worker.idle and not worker.stage_due
+        worker.advance()
+        assert flow.vocoder_launches == 0 and worker.take_results() == []
+        flow.done = True
+        assert woken.wait(10)  # the watcher saw the flow finish
+        assert worker.stage_due
+        worker.advance()
+        assert flow.vocoder_launches == 1 and not worker.stage_due
+        (a, _, audio_a, error_a), (b, _, audio_b, _) = worker.take_results()
+        assert (a, b, error_a) == ("a", "b", None)
+        assert audio_a.tolist() == [0, 1] and audio_b.tolist() == [2, 3, 4]
+        assert worker.idle and worker.take_results() == []
+    finally:
+        worker.stop()

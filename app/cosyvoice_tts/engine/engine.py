@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 FLOW_RESERVE_BYTES = 8 * 2**30
 URGENT_AHEAD_S = 1.0  # a playing stream with less audio than this buffered keeps its LM steps, whatever else runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_VOCODER_MODE = "thread"
+DEFAULT_VOCODER_MODE = "overlap"  # docs/performance.md, run t1: at 32 streams p95 447 against 579 ms
 
 
 class Engine:
@@ -201,7 +201,7 @@ class Engine:
         paged_graph_past_pages: the longest past (50-frame pages) whose incremental flow calls get CUDA graphs at
         start (None: all, up to 64). lm_sms: SMs kept for the LM alone, the vocoder getting the rest
         (sm_partition.py); None or 0: both share the whole GPU. vocoder_mode: where the vocoder's host work runs,
-        "thread", "overlap" or "serial" (vocoder_worker.py)."""
+        "thread" or "overlap" (vocoder_worker.py)."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -388,6 +388,8 @@ class Engine:
                "kv_cache_bytes": self.runner.cache.bytes, **self.counters,
                "info": {"backend": "native", "sampling": "ras"}}
         out["vocoder_s"] = self.vocoder.busy_s if self.vocoder else 0.0
+        for stage, seconds in self.token2wav.host_s.items():  # host time launching vocoder batches
+            out[f"vocoder_host_{stage}_s"] = seconds
         if self.flow_graphs is not None:
             out["flow_graphed_calls"] = self.flow_graphs.calls["graphed"]
             out["flow_eager_calls"] = self.flow_graphs.calls["eager"]
@@ -438,11 +440,12 @@ class Engine:
             self._admit()
             self._drain_inboxes()
             plan = self.scheduler.plan(self._active)
-            vocode = bool(plan.chunks) and self.vocoder.idle and self._vocoder_due(plan)
+            vocode = bool(plan.chunks) and self.vocoder.idle
+            stage_due = self.vocoder.stage_due  # overlap: a batch's flow is done, its HiFT waits to be launched
             if self._first_chunk_in_flight and not vocode:
                 self._yield_to_first_chunk(plan)
             lm_work = bool(plan.extend or plan.decode)
-            if not lm_work and not vocode:
+            if not lm_work and not vocode and not stage_due:
                 if not self._active and not self._pending and self.vocoder.idle and self.flow_graphs is not None \
                         and self.flow_graphs.missing:
                     try:
@@ -461,7 +464,8 @@ class Engine:
             # Host time between LM steps: collecting audio, admission, text, planning (and handing chunks to the
             # vocoder, counted where it runs).
             self.counters["loop_s"] += time.perf_counter() - started
-            hand_off = (lambda: self._hand_to_vocoder(plan.chunks)) if vocode else None
+            hand_off = (lambda: self._hand_to_vocoder(plan.chunks)) if vocode else \
+                self.vocoder.advance if stage_due else None
             if not lm_work:
                 self._timed_hand_off(hand_off)
                 continue
@@ -535,14 +539,6 @@ class Engine:
                     request.stream.lm_done = True
             except (LMProtocolError, SamplingError) as exc:
                 self._fail(request, EngineError("generation_failed", str(exc)))
-
-    def _vocoder_due(self, plan) -> bool:
-        """Ready chunks go to an idle vocoder at once, except with the serial placement, which holds the LM while
-        it runs: there the scheduler decides (`Scheduler.serial_batch_due`)."""
-        if self.vocoder.mode != "serial":
-            return True
-        return self.scheduler.serial_batch_due(plan.chunks, bool(plan.extend or plan.decode), time.monotonic(),
-                                               self.vocoder.finished_at)
 
     def _run(self, plan, hand_off=None) -> None:
         """One LM step. `hand_off` (chunks to the vocoder) runs while the GPU decodes; first if nothing decodes."""

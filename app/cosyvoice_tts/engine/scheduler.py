@@ -42,11 +42,6 @@ class SchedulerConfig:
     hold_ahead_s: float | None = 1.0
     # Trim a vocoder batch to the graph batch size below it when the trimmed chunks can wait (see the module doc).
     fit_batches: bool = True
-    # The serial vocoder placement (vocoder_worker.py): LM steps for at least this long after a batch before the
-    # next one, unless a stream is about to run dry or nothing else is left to run ...
-    serial_gap_s: float = 0.04
-    # ... and after that gap, a batch starts for a first chunk, or for this many chunks of streams that can wait.
-    serial_full_batch: int = 16
 
 
 def is_single_speech_token(request: Request) -> bool:
@@ -119,20 +114,6 @@ class Scheduler:
         if hold is None or head.stats.first_chunk_at is None or audio_ahead_s(head, now) < hold:
             return False
         return any(producing_first_chunk(r) for r in active)
-
-
-    def serial_batch_due(self, ready: list[Request], lm_work: bool, now: float, last_batch_end: float) -> bool:
-        """With the serial placement, whether the ready chunks (priority order) are vocoded now, holding every LM
-        step meanwhile: when there are no LM steps to run, when a started stream is about to run dry, or once
-        `serial_gap_s` has passed since the last batch, for a first chunk or a full batch."""
-        if not lm_work:
-            return True
-        head = ready[0]
-        if head.stats.first_chunk_at is not None and not can_wait(head, now):
-            return True
-        if now - last_batch_end < self.config.serial_gap_s:
-            return False
-        return head.stats.first_chunk_at is None or len(ready) >= self.config.serial_full_batch
 
 
 def producing_first_chunk(request: Request) -> bool:

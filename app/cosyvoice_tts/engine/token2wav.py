@@ -5,6 +5,7 @@ one request's growing hop can never leak into another's (the reference keeps it 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,6 +137,8 @@ class Token2Wav:
         self.paged_from_frames = paged_from_frames
         self.window = hamming_window(2 * cfg.source_cache_len)
         self._windows: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # Host time spent launching batches, by stage (the engine's counters): inputs and encoder, sampler, HiFT
+        self.host_s = {"prepare": 0.0, "sample": 0.0, "hift": 0.0}
 
     def forget(self, state: StreamState) -> None:
         """The request of `state` ended (any thread): its flow memory goes back to the pool."""
@@ -148,12 +151,20 @@ class Token2Wav:
         """Flow and HiFT for several requests' chunks in one call each; returns each request's new audio."""
         return self.launch_batch(items).result()
 
-    @torch.inference_mode()
     def launch_batch(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]]) -> "VocodedBatch":
         """`run_batch` without waiting for the device: every kernel of the batch is queued on the current stream
         and the audio is on its way to the host when this returns. The states have advanced already; the next
         batch of the same streams may be launched once this one's `result()` is in (the vocoder's graphs share
         their input buffers)."""
+        return self.launch_flow(items).launch_vocoder()
+
+    @torch.inference_mode()
+    def launch_flow(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]]) -> "FlowLaunched":
+        """The flow half of `launch_batch`: encoder and sampler queued on the current stream. Its
+        `launch_vocoder()` queues HiFT, best once `ready()`: queued behind a sampler still running, the host
+        work of HiFT's inputs and joins can wait for the device (seen on an H200 at 32 streams: the loop that
+        launched a whole batch at once spent 33 ms doing it)."""
+        started = time.perf_counter()
         device = self.device
         states = [state for state, _, _ in items]
         chunks = [chunk for _, chunk, _ in items]
@@ -184,7 +195,10 @@ class Token2Wav:
                 finalize=[c.finalize for c in chunks],
                 host_lengths=host_lengths,
             )
+            sampled = time.perf_counter()
             mels = self._sample(prepared, states, chunks)
+        self.host_s["prepare"] += sampled - started
+        self.host_s["sample"] += time.perf_counter() - sampled
         for state in states:
             if state.ended:  # ended while this batch ran, perhaps after its memory was taken: give it back
                 self.forget(state)
@@ -196,11 +210,21 @@ class Token2Wav:
             if chunk.finalize and state.speed != 1.0 and state.hift_mel is None:
                 mel = F.interpolate(mel, size=int(mel.shape[2] / state.speed), mode="linear")
             new_mels.append(mel)
-        speech = self._vocode_batch(states, new_mels, [c.finalize for c in chunks], [g for _, _, g in items])
+        return FlowLaunched(self, items, new_mels)
+
+    @torch.inference_mode()
+    def _launch_vocoder(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]],
+                        mels: list[torch.Tensor]) -> "VocodedBatch":
+        started = time.perf_counter()
+        states = [state for state, _, _ in items]
+        chunks = [chunk for _, chunk, _ in items]
+        speech = self._vocode_batch(states, mels, [c.finalize for c in chunks], [g for _, _, g in items])
         for state, chunk in zip(states, chunks):
             state.advance(chunk)
         # One device-to-host copy for the batch, not waited for here.
-        return VocodedBatch(torch.cat([s.reshape(-1) for s in speech]), [int(s.shape[-1]) for s in speech])
+        vocoded = VocodedBatch(torch.cat([s.reshape(-1) for s in speech]), [int(s.shape[-1]) for s in speech])
+        self.host_s["hift"] += time.perf_counter() - started
+        return vocoded
 
     def _encoded_tokens(self, state: StreamState, chunk: Chunk) -> int:
         """Prompt and speech tokens whose frames this chunk's flow call produces (the lookahead excluded)."""
@@ -318,7 +342,37 @@ class Token2Wav:
         return speech
 
 
-class VocodedBatch:
+class _Launched:
+    """Work queued on the current stream, with an event marking its end on a GPU (none on the CPU, where it is
+    done when queued)."""
+
+    def __init__(self, device: torch.device):
+        self.event = None
+        if device.type == "cuda":
+            # blocking: a thread waiting for it sleeps instead of spinning a core
+            self.event = torch.cuda.Event(blocking=True)
+            self.event.record()
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class FlowLaunched(_Launched):
+    """A batch whose flow is queued (`Token2Wav.launch_flow`); `launch_vocoder` queues the rest."""
+
+    def __init__(self, token2wav: Token2Wav, items: list, mels: list[torch.Tensor]):
+        super().__init__(token2wav.device)
+        self.token2wav, self.items, self.mels = token2wav, items, mels
+
+    def launch_vocoder(self) -> "VocodedBatch":
+        return self.token2wav._launch_vocoder(self.items, self.mels)
+
+
+class VocodedBatch(_Launched):
     """A launched batch's audio on its way to the host: on a GPU, a copy into pinned memory that an event marks
     done, so the thread that launched the batch goes on (LM steps) while the vocoder's kernels run."""
 
@@ -327,18 +381,9 @@ class VocodedBatch:
         if flat.device.type == "cuda":
             self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             self._host.copy_(flat, non_blocking=True)
-            # blocking: a thread waiting for it sleeps instead of spinning a core
-            self.event = torch.cuda.Event(blocking=True)
-            self.event.record()
         else:
-            self._host, self.event = flat, None
-
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
+            self._host = flat
+        super().__init__(flat.device)
 
     def result(self) -> list[np.ndarray]:
         """Each item's new audio (float32), waiting for the device if it is not done yet."""

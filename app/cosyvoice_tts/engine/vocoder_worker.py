@@ -8,11 +8,10 @@
 - "overlap": the engine loop itself launches each batch's kernels on the vocoder stream (between launching an
   LM step and reading its result back, see `Engine._lm_decode`) and picks up the audio once the GPU is done with
   it, while it goes on stepping the LM. One Python thread does all the host work, so nothing waits for the GIL;
-  the GPU still runs both stages side by side. A helper thread only waits for each batch's completion event
-  (without the GIL) to wake the loop when it has nothing else to do.
-- "serial": the engine loop runs each batch to its end instead of LM steps, so the GPU runs one stage at a time
-  (both stages are launch-bound: side by side, each slows the other); the scheduler decides when a batch is due
-  (`Scheduler.serial_batch_due`), so that LM steps get their share.
+  the GPU still runs both stages side by side. A batch is launched in two stages: the flow when it is handed
+  over, HiFT at a later step once the flow is done (`advance`), so that no launch waits behind the sampler. A
+  helper thread only waits for each stage's completion event (without the GIL) to wake the loop when it has
+  nothing else to do.
 
 Either way the engine hands a batch over when the vocoder is idle and collects the results at its next step;
 at most one batch is in flight, so the batch grows with the load.
@@ -28,18 +27,18 @@ from contextlib import nullcontext
 
 import torch
 
-from .token2wav import Token2Wav, VocodedBatch
+from .token2wav import FlowLaunched, Token2Wav, VocodedBatch
 
 log = logging.getLogger(__name__)
 
-VOCODER_MODES = ("thread", "overlap", "serial")
+VOCODER_MODES = ("thread", "overlap")
 
 
 def make_vocoder(mode: str, token2wav: Token2Wav, device: torch.device, on_done,
                  stream: torch.cuda.Stream | None = None) -> "VocoderWorker | OverlappedVocoder":
     if mode not in VOCODER_MODES:
         raise ValueError(f"vocoder mode must be one of {', '.join(VOCODER_MODES)}, not {mode!r}")
-    worker = {"thread": VocoderWorker, "overlap": OverlappedVocoder, "serial": SerialVocoder}[mode]
+    worker = VocoderWorker if mode == "thread" else OverlappedVocoder
     return worker(token2wav, device, on_done, stream)
 
 
@@ -58,6 +57,11 @@ class _Vocoder:
 
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    stage_due = False  # overlap only: a launched batch's next stage waits (`advance`)
+
+    def advance(self) -> None:
+        pass
 
     def _launch(self, batch: list) -> VocodedBatch:
         """batch: [(request, state, chunk, generator)]."""
@@ -132,14 +136,16 @@ class VocoderWorker(_Vocoder):
 
 
 class OverlappedVocoder(_Vocoder):
-    """The "overlap" placement (see the module doc): every method runs on the engine loop's thread."""
+    """The "overlap" placement (see the module doc): every method but the watcher runs on the engine loop's
+    thread."""
 
     mode = "overlap"
 
     def __init__(self, token2wav: Token2Wav, device: torch.device, on_done, stream: torch.cuda.Stream | None = None):
         super().__init__(token2wav, device, on_done, stream)
-        self._in_flight: tuple[list, VocodedBatch, float] | None = None
-        self._failed: list = []
+        # (batch, FlowLaunched then VocodedBatch, launch time)
+        self._in_flight: tuple[list, FlowLaunched | VocodedBatch, float] | None = None
+        self._done: list = []  # outcomes to take: failed launches, and the batch once its audio is in
         self._launched: queue.SimpleQueue = queue.SimpleQueue()
         self._watcher = threading.Thread(target=self._watch, name="cosyvoice-vocoder-done", daemon=True)
         self._watcher.start()
@@ -148,33 +154,69 @@ class OverlappedVocoder(_Vocoder):
     def idle(self) -> bool:
         return self._in_flight is None
 
+    @property
+    def stage_due(self) -> bool:
+        """The batch's flow is done and its HiFT waits to be launched (`advance`)."""
+        flight = self._in_flight
+        return flight is not None and isinstance(flight[1], FlowLaunched) and self._guarded(flight, flight[1].ready)
+
     def submit(self, batch: list) -> None:
         started = time.perf_counter()
         try:
-            launched = self._launch(batch)
+            with self._on_stream():
+                launched = self.token2wav.launch_flow([(state, chunk, gen) for _, state, chunk, gen in batch])
         except Exception as exc:  # reported per request by the engine, as the thread placement does
             log.exception("vocoder batch failed")
-            self._failed.extend(self._outcome(batch, None, exc))
+            self._done.extend(self._outcome(batch, None, exc))
             self.on_done()
             return
         self._in_flight = (batch, launched, started)
         self._launched.put(launched)
 
-    def take_results(self) -> list:
-        results, self._failed = self._failed, []
-        if self._in_flight is None:
-            return results
-        batch, launched, started = self._in_flight
+    def advance(self) -> None:
+        """Launch the in-flight batch's HiFT if its flow is done."""
+        if not self.stage_due:
+            return
+        batch, flow, started = self._in_flight
         try:
-            if not launched.ready():
-                return results
-            outcome = self._outcome(batch, launched.result(), None)
-        except Exception as exc:  # a failed kernel shows here: those requests fail, the loop goes on
-            log.exception("vocoder batch failed")
-            outcome = self._outcome(batch, None, exc)
-        self._in_flight = None
-        self.busy_s += time.perf_counter() - started
-        return results + outcome
+            with self._on_stream():
+                vocoded = flow.launch_vocoder()
+        except Exception as exc:
+            self._fail_in_flight(exc)
+            return
+        self._in_flight = (batch, vocoded, started)
+        self._launched.put(vocoded)
+
+    def take_results(self) -> list:
+        flight = self._in_flight
+        if flight is not None and isinstance(flight[1], VocodedBatch) and self._guarded(flight, flight[1].ready):
+            try:
+                outcome = self._outcome(flight[0], flight[1].result(), None)
+            except Exception as exc:  # a failed kernel shows here: those requests fail, the loop goes on
+                self._fail_in_flight(exc)
+            else:
+                self._in_flight = None
+                self.busy_s += time.perf_counter() - flight[2]
+                self._done.extend(outcome)
+        results, self._done = self._done, []
+        return results
+
+    def _guarded(self, flight, check) -> bool:
+        """`check()`, with a device error failing the batch in flight (and answering False)."""
+        try:
+            return check()
+        except Exception as exc:
+            self._fail_in_flight(exc, flight)
+            return False
+
+    def _fail_in_flight(self, exc: Exception, flight=None) -> None:
+        log.error("vocoder batch failed: %r", exc)
+        flight = flight or self._in_flight
+        if flight is not None and flight is self._in_flight:
+            self._in_flight = None
+            self.busy_s += time.perf_counter() - flight[2]
+            self._done.extend(self._outcome(flight[0], None, exc))
+            self.on_done()
 
     def stop(self) -> None:
         self._launched.put(None)
@@ -184,40 +226,6 @@ class OverlappedVocoder(_Vocoder):
         while (launched := self._launched.get()) is not None:
             try:
                 launched.wait()  # without the GIL
-            except RuntimeError:  # a failed kernel: the loop's own result() reports it
+            except RuntimeError:  # a failed kernel: the loop's own checks report it
                 log.exception("waiting for a vocoder batch failed")
             self.on_done()
-
-
-class SerialVocoder(_Vocoder):
-    """The "serial" placement (see the module doc): `submit` returns once the batch's audio is on the host."""
-
-    mode = "serial"
-
-    def __init__(self, token2wav: Token2Wav, device: torch.device, on_done, stream: torch.cuda.Stream | None = None):
-        super().__init__(token2wav, device, on_done, stream)
-        self._results: list = []
-        self.finished_at = float("-inf")  # time.monotonic() at the end of the last batch
-
-    @property
-    def idle(self) -> bool:
-        return True
-
-    def submit(self, batch: list) -> None:
-        started = time.perf_counter()
-        try:
-            outcome = self._outcome(batch, self._launch(batch).result(), None)
-        except Exception as exc:  # reported per request by the engine
-            log.exception("vocoder batch failed")
-            outcome = self._outcome(batch, None, exc)
-        self.busy_s += time.perf_counter() - started
-        self.finished_at = time.monotonic()
-        self._results.extend(outcome)
-        self.on_done()
-
-    def take_results(self) -> list:
-        results, self._results = self._results, []
-        return results
-
-    def stop(self) -> None:
-        pass

@@ -12,7 +12,7 @@ CACHE_ENV = "COSYVOICE_TTS_CACHE"
 
 
 # The engine's vocoder placements (engine/vocoder_worker.py VOCODER_MODES; not imported: parsing needs no torch)
-VOCODER_MODES = ("thread", "overlap", "serial")
+VOCODER_MODES = ("thread", "overlap")
 
 
 @dataclass
@@ -154,9 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocoder",
         choices=VOCODER_MODES,
         default=None,
-        help="native backend: where the vocoder's host work runs: its own Python thread; launched from the LM loop "
-        "between a step's launch and its result (overlap: no GIL shared by two threads); or run by the LM loop "
-        "instead of LM steps (serial: one stage on the GPU at a time) (default: thread)",
+        help="native backend: where the vocoder's host work runs: its own Python thread, or launched from the LM "
+        "loop between a step's launch and its result (overlap: no GIL shared by two threads) (default: overlap)",
     )
     p.add_argument(
         "--max-connections", type=int, default=0, help="open WebSocket connections (default 4 x --max-sessions)"

@@ -460,7 +460,7 @@ def parse_named_levels(text: str, names, what: str = "POLICY") -> list[tuple[int
 
 
 def parse_vocoder_levels(text: str) -> list[tuple[int, str, tuple[tuple[str, float], ...]]]:
-    """"32:thread,32:serial:serial_gap_s=0.08" -> [(32, "thread", ()), (32, "serial", (("serial_gap_s", 0.08),))]:
+    """"32:thread,32:overlap:hold_ahead_s=0.5" -> [(32, "thread", ()), (32, "overlap", (("hold_ahead_s", 0.5),))]:
     LEVEL:PLACEMENT, then any number of :FIELD=VALUE, numeric fields of SchedulerConfig set for that level."""
     numeric = {f.name for f in fields(SchedulerConfig) if f.type in ("int", "float", "float | None", "int | None")}
     runs = []
@@ -549,8 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the vocoder's host work runs (engine/vocoder_worker.py); default: the engine's")
     parser.add_argument("--vocoder-levels", default="",
                         help="after the levels, LEVEL:PLACEMENT[:FIELD=VALUE...] runs with the vocoder placed as "
-                             "named (thread, overlap, serial) and scheduler settings changed, in the order given "
-                             "(e.g. 32:thread,32:overlap,32:serial:serial_gap_s=0.08)")
+                             "named (thread, overlap) and scheduler settings changed, in the order given "
+                             "(e.g. 32:thread,32:overlap,32:overlap:hold_ahead_s=0.5)")
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,16x28,16x253L (batch x tokens; "
                              "L: the last chunk of a stream that long, after its earlier chunks)")
