@@ -610,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("steps", "decode_rows", "chunks", "extend_s", "decode_s", "decode_forward_s", "sample_s", "sample_cpu_s",
             "loop_s", "vocoder_s", "vocoder_batches", "vocoder_items", "flow_graphed_calls", "flow_eager_calls",
             "flow_paged_graphed_calls", "flow_paged_eager_calls", "flow_paged_fallbacks", "encoder_graphed_calls",
-            "encoder_eager_calls", "hift_graphed_calls", "hift_eager_calls")
+            "encoder_eager_calls", "hift_graphed_calls", "hift_eager_calls", "vocoder_host_prepare_s",
+            "vocoder_host_sample_s", "vocoder_host_hift_s")
     paged = engine.paged_flow
     default_flow = "paged" if paged is not None else "rerun"
     runs = [LevelRun(u, default_flow, arrivals=args.arrivals) for u in levels]
