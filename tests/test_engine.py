@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from concurrent_audio import audio_of_all
 from cosyvoice_tts.engine import CapacityError, Engine, InvalidRequestError, SynthesisParams, UnknownVoiceError
 from cosyvoice_tts.engine.loader import ModelDirError, build_modules
 
@@ -186,13 +187,7 @@ def test_request_alone_equals_batched_with_31_others(tiny_model_dir):
         texts = [f"第{i}句话。" if i % 2 else f"Sentence number {i}." for i in range(32)]
         requests = [engine.submit(SynthesisParams(voice="中文女" if i % 2 else "英文女", seed=100 + i), text=t)
                     for i, t in enumerate(texts)]
-        results = {}
-        threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, (r.audio(), r.summary)))
-                   for i, r in enumerate(requests)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        results = audio_of_all(requests)
         assert engine.counters["decode_rows"] > engine.counters["steps"]  # they really shared decode steps
         for i in (0, 7, 20, 31):
             alone = engine.submit(SynthesisParams(voice="中文女" if i % 2 else "英文女", seed=100 + i), text=texts[i])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from concurrent_audio import audio_of_all
 from cosyvoice_tts.engine import Engine, EngineError, SynthesisParams
 from cosyvoice_tts.engine.token2wav import FlowLaunched, VocodedBatch
 from cosyvoice_tts.engine.vocoder_worker import VOCODER_MODES, OverlappedVocoder, VocoderWorker, make_vocoder
@@ -25,14 +26,7 @@ TEXTS = ["Sentence number one, a little longer than the rest of them.", "第二�
 def synthesize_together(engine: Engine) -> dict[int, tuple[np.ndarray, dict]]:
     requests = [engine.submit(SynthesisParams(voice="中文女" if i % 2 else "英文女", seed=40 + i), text=text)
                 for i, text in enumerate(TEXTS)]
-    results: dict[int, tuple[np.ndarray, dict]] = {}
-    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, (r.audio(), r.summary)))
-               for i, r in enumerate(requests)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    return results
+    return audio_of_all(requests)
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ class _Vocoder:
     """What both placements share: the stream, the batch as the engine hands it over, its outcome."""
 
     mode = ""
+    stage_due = False  # overlap only: a launched batch's next stage waits to be launched (`advance`)
 
     def __init__(self, token2wav: Token2Wav, device: torch.device, on_done, stream: torch.cuda.Stream | None = None):
         self.token2wav = token2wav
@@ -58,15 +59,13 @@ class _Vocoder:
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
-    stage_due = False  # overlap only: a launched batch's next stage waits (`advance`)
-
     def advance(self) -> None:
         pass
 
-    def _launch(self, batch: list) -> VocodedBatch:
-        """batch: [(request, state, chunk, generator)]."""
-        with self._on_stream():
-            return self.token2wav.launch_batch([(state, chunk, gen) for _, state, chunk, gen in batch])
+    @staticmethod
+    def _items(batch: list) -> list:
+        """The engine's [(request, state, chunk, generator)] as Token2Wav's [(state, chunk, generator)]."""
+        return [(state, chunk, gen) for _, state, chunk, gen in batch]
 
     @staticmethod
     def _outcome(batch: list, audios: list | None, error: Exception | None) -> list:
@@ -124,7 +123,9 @@ class VocoderWorker(_Vocoder):
                 batch = self._jobs.popleft()
             started = time.perf_counter()
             try:
-                outcome = self._outcome(batch, self._launch(batch).result(), None)
+                with self._on_stream():
+                    launched = self.token2wav.launch_batch(self._items(batch))
+                outcome = self._outcome(batch, launched.result(), None)
             except Exception as exc:  # reported per request by the engine; the worker thread lives on
                 log.exception("vocoder batch failed")
                 outcome = self._outcome(batch, None, exc)
@@ -164,7 +165,7 @@ class OverlappedVocoder(_Vocoder):
         started = time.perf_counter()
         try:
             with self._on_stream():
-                launched = self.token2wav.launch_flow([(state, chunk, gen) for _, state, chunk, gen in batch])
+                launched = self.token2wav.launch_flow(self._items(batch))
         except Exception as exc:  # reported per request by the engine, as the thread placement does
             log.exception("vocoder batch failed")
             self._done.extend(self._outcome(batch, None, exc))
