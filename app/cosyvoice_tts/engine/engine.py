@@ -32,7 +32,7 @@ from .sampling import RasConfig, SamplingError, TokenRng, make_generator
 from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, can_wait, pick_vocoder_batch
 from .sm_partition import SmPartition, split_streams
 from .token2wav import PAGED_FROM_FRAMES, StreamConfig, StreamState, Token2Wav
-from .vocoder_worker import VOCODER_MODES, make_vocoder
+from .vocoder_worker import check_mode as check_vocoder_mode, make_vocoder
 from .voices import voice_prompt
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ class Engine:
                  compile_kernels: bool = True, flow_memory_gib: float | None = None,
                  paged_from_frames: int = PAGED_FROM_FRAMES, lm_sms: int | None = None,
                  paged_graph_past_pages: int | None = None, vocoder_mode: str = DEFAULT_VOCODER_MODE):
-        if vocoder_mode not in VOCODER_MODES:
-            raise ValueError(f"vocoder_mode must be one of {', '.join(VOCODER_MODES)}, not {vocoder_mode!r}")
+        check_vocoder_mode(vocoder_mode)
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -256,8 +255,7 @@ class Engine:
     def set_vocoder_mode(self, mode: str) -> None:
         """Switch the vocoder's placement (vocoder_worker.py) while no request is active (the bench's
         side-by-side levels)."""
-        if mode not in VOCODER_MODES:
-            raise ValueError(f"vocoder mode must be one of {', '.join(VOCODER_MODES)}, not {mode!r}")
+        check_vocoder_mode(mode)
         if mode == self._vocoder_mode:
             return
         if self.active_count() or (self.vocoder is not None and not self.vocoder.idle):

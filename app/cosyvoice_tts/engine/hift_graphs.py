@@ -118,7 +118,7 @@ class GraphedHiFT:
         graph.lengths.fill_(1)
         graph.lengths[:count].copy_(to_device(frames, graph.lengths.device, torch.long))
         graph.cache_lengths.zero_()
-        graph.cache_lengths[:count].copy_(to_device(caches, graph.lengths.device, torch.long))
+        graph.cache_lengths[:count].copy_(to_device(caches, graph.cache_lengths.device, torch.long))
         graph.replay()
         # Copies: the graph's outputs are overwritten by its next replay, and callers keep the source's tail.
         return [(graph.speech[item:item + 1, : n * spf].clone(), graph.source[item:item + 1, :, : n * spf].clone())

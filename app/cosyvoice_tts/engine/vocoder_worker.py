@@ -34,10 +34,14 @@ log = logging.getLogger(__name__)
 VOCODER_MODES = ("thread", "overlap")
 
 
+def check_mode(mode: str) -> None:
+    if mode not in VOCODER_MODES:
+        raise ValueError(f"vocoder_mode must be one of {', '.join(VOCODER_MODES)}, not {mode!r}")
+
+
 def make_vocoder(mode: str, token2wav: Token2Wav, device: torch.device, on_done,
                  stream: torch.cuda.Stream | None = None) -> "VocoderWorker | OverlappedVocoder":
-    if mode not in VOCODER_MODES:
-        raise ValueError(f"vocoder mode must be one of {', '.join(VOCODER_MODES)}, not {mode!r}")
+    check_mode(mode)
     worker = VocoderWorker if mode == "thread" else OverlappedVocoder
     return worker(token2wav, device, on_done, stream)
 
