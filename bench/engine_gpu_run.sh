@@ -12,7 +12,10 @@
 # PAGED_GRAPH_PAST_PAGES=4: incremental flow graphs only up to that past (--paged-graph-past-pages: less capture);
 # FLOW_LEVELS=32:paged,32:rerun: again with the flow paged or re-running every prefix, in that order.
 # VOCODER=overlap: the engine's vocoder placement (--vocoder; engine/vocoder_worker.py); VOCODER_LEVELS=32:thread,
-# 32:overlap: again with the vocoder on its own thread or launched from the LM loop, in that order.
+# 32:overlap: again with the vocoder on its own thread or launched from the LM loop, in that order; a level may set
+# SchedulerConfig fields and replays_apart=0 (the loop launches the sampler's replays) or text_worker=0 (texts
+# normalised by the submitting threads), e.g. 32:overlap:first_chunks_apart=0. PROFILE_LEVEL=32: that level again
+# under torch.profiler, the loop's host time by span in the report (bench_engine --profile-level).
 #   bench/engine_gpu_run.sh OUT_DIR [CONCURRENCY] [DURATION]
 # Needs python3 with torch (CUDA); unpacks carry/bench_site/site.tar.xz for the packages such an image lacks.
 set -euo pipefail
@@ -44,6 +47,7 @@ python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --
     ${PAGED_GRAPH_PAST_PAGES:+--paged-graph-past-pages "$PAGED_GRAPH_PAST_PAGES"} \
     ${FLOW_LEVELS:+--flow-levels "$FLOW_LEVELS"} \
     ${VOCODER:+--vocoder "$VOCODER"} ${VOCODER_LEVELS:+--vocoder-levels "$VOCODER_LEVELS"} \
+    ${PROFILE_LEVEL:+--profile-level "$PROFILE_LEVEL"} \
     --out "$out/batched.json" 2>&1 | grep -v -e Warning -e warn | tee "$out/batched.log"
 if [ -z "${SKIP_UNBATCHED:-}" ]; then
     python3 -m cosyvoice_tts.tools.bench_engine --model-dir "$model" --dtype bf16 --concurrency 8 \

@@ -163,3 +163,18 @@ def test_chunks_with_audio_to_spare_wait_while_a_request_produces_its_first_chun
     assert scheduler.plan([comfortable, new, first]).chunks == [first, comfortable]
     # the policy off
     assert Scheduler(SchedulerConfig(hold_ahead_s=None)).plan([comfortable, new]).chunks == [comfortable]
+
+
+def test_a_first_chunks_batch_leaves_chunks_that_can_wait_for_the_next():
+    head, other_first = ready(True), ready(True)
+    head.can = other_first.can = False
+    low, spare = waiting(False), waiting(True)
+    items = [low, head, other_first, spare]  # priority order: a stream running dry may head the batch
+    may = lambda r: r.can  # noqa: E731
+    assert pick_vocoder_batch([head, low, other_first, spare], [56] * 4, 8192, ladder_shape,
+                              may_leave=may) == [head, low, other_first]
+    # headed by a later chunk, the batch is not a first chunk's: everything that fits goes
+    assert pick_vocoder_batch(items, [56] * 4, 8192, ladder_shape, may_leave=may) == items
+    # without the policy, the spare chunk rides along
+    assert pick_vocoder_batch([head, low, other_first, spare], [56] * 4, 8192, ladder_shape) == \
+        [head, low, other_first, spare]

@@ -94,7 +94,8 @@ class _Broken:
     def launch_batch(self, items):
         raise RuntimeError("kernel failed")
 
-    launch_flow = launch_batch
+    def launch_flow(self, items, launcher=None):
+        raise RuntimeError("kernel failed")
 
 
 @pytest.mark.parametrize("mode", VOCODER_MODES)
@@ -139,7 +140,7 @@ class _SlowFlow(FlowLaunched):
 
 def test_overlap_launches_hift_once_the_flow_is_done():
     flow, woken = _SlowFlow(), threading.Event()
-    token2wav = SimpleNamespace(launch_flow=lambda items: flow)
+    token2wav = SimpleNamespace(launch_flow=lambda items, launcher=None: flow)
     worker = OverlappedVocoder(token2wav, torch.device("cpu"), woken.set)
     try:
         worker.submit([("a", "state a", "chunk", None), ("b", "state b", "chunk", None)])
@@ -157,3 +158,59 @@ def test_overlap_launches_hift_once_the_flow_is_done():
         assert worker.idle and worker.take_results() == []
     finally:
         worker.stop()
+
+
+class _Graph:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def replay(self):
+        self.log.append(self.name)
+
+
+def test_replays_in_a_deferred_block_are_collected_in_order_and_not_launched():
+    from cosyvoice_tts.engine.cuda_graphs import deferred_replays, replay
+
+    log = []
+    replay(_Graph("now", log))
+    with deferred_replays() as pending:
+        replay(_Graph("a", log))
+        replay(_Graph("b", log))
+        with pytest.raises(RuntimeError, match="already"):
+            with deferred_replays():
+                pass
+    assert log == ["now"] and len(pending) == 2
+    for launch in pending:
+        launch()
+    assert log == ["now", "a", "b"]
+    replay(_Graph("after", log))  # collection ended with the block
+    assert log[-1] == "after"
+
+
+def test_the_replay_launcher_launches_in_order_then_marks_the_flow_done():
+    from cosyvoice_tts.engine.token2wav import FlowLaunched
+    from cosyvoice_tts.engine.vocoder_worker import ReplayLauncher
+
+    token2wav = SimpleNamespace(device=torch.device("cpu"), _launch_vocoder=lambda items, mels: ("hift", items))
+    gate, log = threading.Event(), []
+    launcher = ReplayLauncher(torch.device("cpu"), None)
+    try:
+        flow = FlowLaunched(token2wav, ["item"], [], record=False)
+        launcher.submit([lambda: gate.wait(10), lambda: log.append(1), lambda: log.append(2)], flow)
+        assert not flow.ready()  # its replays are not launched yet: HiFT must not be queued before them
+        gate.set()
+        flow.wait()
+        assert flow.ready() and log == [1, 2] and flow.launch_vocoder() == ("hift", ["item"])
+
+        broken = FlowLaunched(token2wav, ["item"], [], record=False)
+        launcher.submit([lambda: 1 / 0, lambda: log.append(3)], broken)
+        broken.wait()
+        assert broken.ready() and log == [1, 2]  # the batch stops at the failed replay
+        with pytest.raises(ZeroDivisionError):
+            broken.launch_vocoder()
+        later = FlowLaunched(token2wav, [], [], record=False)
+        launcher.submit([lambda: log.append(4)], later)
+        later.wait()
+        assert log == [1, 2, 4] and launcher.busy_s > 0
+    finally:
+        launcher.stop()

@@ -2,6 +2,8 @@
 graph, and the (batch, length) buckets that padded calls are replayed in."""
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import Callable, TypeVar
 
 import torch
@@ -49,3 +51,34 @@ def capture_graph(fn: Callable[[], T], device: torch.device, pool, warmups: int 
     with torch.cuda.graph(graph, pool=pool, stream=current if own_stream else None, capture_error_mode=error_mode):
         outputs = fn()
     return graph, outputs
+
+
+# --- replays another thread launches ------------------------------------------------------------------------
+# Launching one of the flow sampler's step graphs (about a thousand kernels) takes the host about a millisecond,
+# ten per batch. Launched from the engine loop, that is time no LM step is launched in; launched from a thread of
+# its own, it costs the loop almost nothing, since a replay releases the GIL. Inside `deferred_replays()`, the
+# replays made through `replay` are collected instead of launched, for such a thread (vocoder_worker.py).
+_deferred = threading.local()
+
+
+def replay(graph: torch.cuda.CUDAGraph) -> None:
+    """`graph.replay()`, or queued for later when this thread is collecting replays (`deferred_replays`)."""
+    pending = getattr(_deferred, "pending", None)
+    if pending is None:
+        graph.replay()
+    else:
+        pending.append(graph.replay)
+
+
+@contextmanager
+def deferred_replays():
+    """Collect the replays made in the block (in order) instead of launching them; yields their list. Every
+    kernel the block queues after a collected replay would run before it: in the block, nothing may read a
+    collected replay's outputs."""
+    if getattr(_deferred, "pending", None) is not None:
+        raise RuntimeError("replays are being collected already")
+    _deferred.pending = pending = []
+    try:
+        yield pending
+    finally:
+        _deferred.pending = None

@@ -23,6 +23,8 @@ from .lm_program import BistreamProgram, LMProtocolError, WholeTextProgram, piec
 from .loader import build_modules
 from .flow_graphs import GraphedCFM, GraphedEncoder, frame_buckets
 from .flow_pages import PagedFlow
+from .frontend import TOKENIZER_SUBDIR
+from .host_spans import span
 from .hift_graphs import GraphedHiFT
 from .model_runner import DecodeRow, ModelRunner, batch_ladder
 from .modules import pointwise
@@ -31,6 +33,7 @@ from .request import Request, SynthesisParams
 from .sampling import RasConfig, SamplingError, TokenRng, make_generator
 from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, can_wait, pick_vocoder_batch
 from .sm_partition import SmPartition, split_streams
+from .text_worker import TextNormalizer
 from .token2wav import PAGED_FROM_FRAMES, StreamConfig, StreamState, Token2Wav
 from .vocoder_worker import check_mode as check_vocoder_mode, make_vocoder
 from .voices import voice_prompt
@@ -51,8 +54,12 @@ class Engine:
                  max_graph_frames: int = 1000, gpu_memory_fraction: float | None = None,
                  compile_kernels: bool = True, flow_memory_gib: float | None = None,
                  paged_from_frames: int = PAGED_FROM_FRAMES, lm_sms: int | None = None,
-                 paged_graph_past_pages: int | None = None, vocoder_mode: str = DEFAULT_VOCODER_MODE):
+                 paged_graph_past_pages: int | None = None, vocoder_mode: str = DEFAULT_VOCODER_MODE,
+                 text_worker: bool | None = None):
         check_vocoder_mode(vocoder_mode)
+        # Request texts normalised in a worker process (text_worker.py), from `start`; None: on a GPU only
+        self.text_worker = device.type == "cuda" if text_worker is None else bool(text_worker)
+        self.text_normalizer: TextNormalizer | None = None
         self.model_dir = model.model_dir
         self.device = device
         self.dtype = dtype
@@ -191,7 +198,7 @@ class Engine:
              gpu_memory_fraction: float | None = 0.9, compile_kernels: bool = True,
              flow_memory_gib: float | None = None, paged_from_frames: int = PAGED_FROM_FRAMES,
              lm_sms: int | None = None, paged_graph_past_pages: int | None = None,
-             vocoder_mode: str = DEFAULT_VOCODER_MODE) -> "Engine":
+             vocoder_mode: str = DEFAULT_VOCODER_MODE, text_worker: bool | None = None) -> "Engine":
         """gpu_memory_fraction: the share of the card this worker may allocate (native backend; vLLM sizes its
         own memory); None: no cap. compile_kernels: fused elementwise kernels on a GPU (modules/pointwise.py).
         flow_memory_gib: the incremental flow's memory pool (0: every chunk re-runs its prefix); None: sized from
@@ -200,7 +207,8 @@ class Engine:
         paged_graph_past_pages: the longest past (50-frame pages) whose incremental flow calls get CUDA graphs at
         start (None: all, up to 64). lm_sms: SMs kept for the LM alone, the vocoder getting the rest
         (sm_partition.py); None or 0: both share the whole GPU. vocoder_mode: where the vocoder's host work runs,
-        "thread" or "overlap" (vocoder_worker.py)."""
+        "thread" or "overlap" (vocoder_worker.py). text_worker: request texts are normalised in a worker process
+        (text_worker.py) instead of the submitting thread; None: on a GPU only."""
         from .frontend import Frontend
 
         if backend == "vllm" and cls is Engine:
@@ -222,7 +230,8 @@ class Engine:
         engine = cls(model, frontend, torch_device, DTYPES[dtype], max_sessions, max_context, use_cuda_graphs,
                      scheduler_config, gpu_memory_fraction=gpu_memory_fraction, compile_kernels=compile_kernels,
                      flow_memory_gib=flow_memory_gib, paged_from_frames=paged_from_frames, lm_sms=lm_sms,
-                     paged_graph_past_pages=paged_graph_past_pages, vocoder_mode=vocoder_mode)
+                     paged_graph_past_pages=paged_graph_past_pages, vocoder_mode=vocoder_mode,
+                     text_worker=text_worker)
         log.info("loaded %s on %s (%s) in %.1f s", model_dir, device, dtype, time.monotonic() - started)
         return engine
 
@@ -241,6 +250,10 @@ class Engine:
                 f"{self.gpu_memory_fraction}): lower --max-sessions or --max-context, or raise "
                 f"--gpu-memory-fraction") from exc
         self.vocoder = self._make_vocoder(self._vocoder_mode)
+        if self.text_worker:
+            self.text_normalizer = TextNormalizer(Path(self.model_dir) / TOKENIZER_SUBDIR,
+                                                  lambda text: self.frontend.text_normalize(text, split=True))
+            self.text_normalizer.warm()
         self._thread = threading.Thread(target=self._loop, name="cosyvoice-engine", daemon=True)
         self._thread.start()
 
@@ -316,6 +329,9 @@ class Engine:
             self._thread = None
         if self.vocoder is not None:
             self.vocoder.stop()
+        if self.text_normalizer is not None:
+            self.text_normalizer.close()
+            self.text_normalizer = None
 
     # --- voices ---------------------------------------------------------------------------
     def voices(self) -> list[str]:
@@ -366,7 +382,9 @@ class Engine:
             request.stats.chars = len(text)
             request.stats.text_ended_at = request.stats.submitted_at
             request._text_closed = True
-            segments = [s for s in self.frontend.text_normalize(text, split=True) if s.strip()]
+            normalizer = self.text_normalizer
+            pieces = normalizer.normalize(text) if normalizer else self.frontend.text_normalize(text, split=True)
+            segments = [s for s in pieces if s.strip()]
             if not segments:
                 raise InvalidRequestError("text has nothing to speak after normalisation")
             request.segments.extend(segments)
@@ -386,6 +404,8 @@ class Engine:
                "kv_cache_bytes": self.runner.cache.bytes, **self.counters,
                "info": {"backend": "native", "sampling": "ras"}}
         out["vocoder_s"] = self.vocoder.busy_s if self.vocoder else 0.0
+        launcher = getattr(self.vocoder, "launcher", None)  # overlap: the thread launching the sampler's replays
+        out["vocoder_host_replay_s"] = launcher.busy_s if launcher is not None else 0.0
         for stage, seconds in self.token2wav.host_s.items():  # host time launching vocoder batches
             out[f"vocoder_host_{stage}_s"] = seconds
         if self.flow_graphs is not None:
@@ -434,10 +454,11 @@ class Engine:
         while not self._stopping:
             started = time.perf_counter()
             self._wake.clear()
-            self._collect_vocoded()
-            self._admit()
-            self._drain_inboxes()
-            plan = self.scheduler.plan(self._active)
+            with span("loop.bookkeeping"):
+                self._collect_vocoded()
+                self._admit()
+                self._drain_inboxes()
+                plan = self.scheduler.plan(self._active)
             vocode = bool(plan.chunks) and self.vocoder.idle
             stage_due = self.vocoder.stage_due  # overlap: a batch's flow is done, its HiFT waits to be launched
             if self._first_chunk_in_flight and not vocode:
@@ -545,7 +566,8 @@ class Engine:
             self._timed_hand_off(hand_off)
         t0 = time.perf_counter()
         if plan.extend:
-            self._lm_extend(plan.extend)
+            with span("lm.extend"):
+                self._lm_extend(plan.extend)
         t1 = time.perf_counter()
         handed = 0.0
         if plan.decode:
@@ -559,7 +581,8 @@ class Engine:
         if hand_off is None:
             return 0.0
         started = time.perf_counter()
-        hand_off()
+        with span("vocoder.hand_off"):
+            hand_off()
         spent = time.perf_counter() - started
         self.counters["loop_s"] += spent
         return spent
@@ -591,7 +614,8 @@ class Engine:
             rows.append(DecodeRow(request.slot, request.position, token))
         t0 = time.perf_counter()
         try:
-            launched = self.runner.launch_decode(rows) if rows else None
+            with span("lm.launch"):
+                launched = self.runner.launch_decode(rows) if rows else None
         except CacheFullError:
             for request in requests:
                 if request.position + 1 > self.runner.max_len:
@@ -600,13 +624,15 @@ class Engine:
         handed = self._timed_hand_off(hand_off)
         if launched is None:
             return handed
-        logps = self.runner.decode_result(launched)
+        with span("lm.readback"):
+            logps = self.runner.decode_result(launched)
         t1 = time.perf_counter()
         cpu1 = time.thread_time()
         self.counters["decode_rows"] += len(rows)
-        for request, logp in zip(requests, logps):
-            request.position += 1
-            self._after_lm(request, logp)
+        with span("lm.sample"):
+            for request, logp in zip(requests, logps):
+                request.position += 1
+                self._after_lm(request, logp)
         # The forward (ending in its device-to-host copy) and the per-request sampling on the CPU, apart; the
         # sampling also in this thread's CPU time, which leaves out the time it waited for the GIL.
         self.counters["decode_forward_s"] += t1 - t0 - handed
@@ -658,8 +684,10 @@ class Engine:
         shape = self.flow_graphs.padded_shape if self.flow_graphs is not None else (lambda n, f: (n, f))
         now = time.monotonic()
         config = self.scheduler.config
+        may_wait = lambda r: can_wait(r, now)  # noqa: E731
         chosen = pick_vocoder_batch(ready, frames, config.max_vocoder_frames, shape,
-                                    (lambda r: can_wait(r, now)) if config.fit_batches else None)
+                                    may_wait if config.fit_batches else None,
+                                    may_wait if config.first_chunks_apart else None)
         batch = []
         for request in chosen:
             request.vocoding = True

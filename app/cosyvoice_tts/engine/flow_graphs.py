@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from .cuda_graphs import bucket_for, buckets_within, capture_graph
+from .cuda_graphs import bucket_for, buckets_within, capture_graph, replay
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class _CapturedSampler:
         self.spks[:batch].copy_(spks)
         self.flags.zero_()
         self.flags[:batch].copy_(flags)
-        self.graph.replay()
+        replay(self.graph)
         return self.out[:batch, :, :frames]
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cuda_graphs import capture_graph, smallest_at_least
+from .cuda_graphs import capture_graph, replay, smallest_at_least
 from .host_copy import to_device
 from .modules.flow import FlowBatch
 from .modules.flow_cfm import euler_times
@@ -80,7 +80,7 @@ class StepRunner:
         self.buffers["step"].zero_()
         for _ in range(self.owner.steps):
             if self.graph is not None:
-                self.graph.replay()
+                replay(self.graph)
             else:
                 self._step()
         return self.buffers["x"]
@@ -260,8 +260,9 @@ class PagedFlow:
 
     @torch.inference_mode()
     def sample(self, prepared: FlowBatch, indices: list[int], rows: list[PagedRow]) -> list[torch.Tensor]:
-        """Mel of frames start..end-1 of each row (float32 [80, end - start]); `indices`: each row's place in
-        `prepared` (the whole-prefix encoder output). The rows' pages for start..commit must be allocated."""
+        """Mel of frames start..end-1 of each row ([80, end - start] in the sampler's dtype: views of a buffer that
+        the next call of the same shape rewrites); `indices`: each row's place in `prepared` (the whole-prefix
+        encoder output). The rows' pages for start..commit must be allocated."""
         page = self.page_frames
         count = len(rows)
         longest = max(row.end - row.start for row in rows)
@@ -279,7 +280,7 @@ class PagedFlow:
             self._unclear_slots = []
         runner = self.graphs.get(shape)
         self.calls["graphed" if runner is not None else "eager"] += 1
-        x = (runner or StepRunner(self, batch, frames, past)).run(inputs).float()
+        x = (runner or StepRunner(self, batch, frames, past)).run(inputs)
         return [x[b, :, : row.end - row.start] for b, row in enumerate(rows)]
 
     def _inputs(self, prepared: FlowBatch, indices: list[int], rows: list[PagedRow], batch: int, frames: int,

@@ -8,9 +8,11 @@ one with the least audio ahead of playback goes first, so no stream starves.
 The LM and the vocoder share one GPU, and under load the vocoder keeps it busy most of the time. A new request's
 first chunk waits on 28 LM steps, each slowed by whatever vocoder batch runs beside it. So while requests are
 still producing their first chunk's tokens, a batch of nothing but chunks for streams with audio to spare is not
-started (`hold_ahead_s`); it waits until a first chunk or a stream running low starts a batch, and then rides
-along. And a batch is not padded up to the next CUDA-graph batch size for chunks that can wait: those go in the
-next batch instead of costing padded rows in this one (`fit_batches`).
+started (`hold_ahead_s`); it waits until a first chunk or a stream running low starts a batch. A batch for a
+first chunk takes only other first chunks and chunks of streams running low: the chunks that can wait would make
+it longer, and go in the next batch (`first_chunks_apart`). And a batch is not padded up to the next CUDA-graph
+batch size for chunks that can wait: those go in the next batch instead of costing padded rows in this one
+(`fit_batches`).
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ class SchedulerConfig:
     hold_ahead_s: float | None = 1.0
     # Trim a vocoder batch to the graph batch size below it when the trimmed chunks can wait (see the module doc).
     fit_batches: bool = True
+    # A batch headed by a first chunk takes no chunk that can wait: they go in the next batch, so the first
+    # chunk's batch is as short as it can be (see the module doc).
+    first_chunks_apart: bool = True
 
 
 def is_single_speech_token(request: Request) -> bool:
@@ -127,20 +132,25 @@ def can_wait(request: Request, now: float) -> bool:
     return request.stats.first_chunk_at is not None and audio_ahead_s(request, now) >= STALL_GUARD_S
 
 
-def pick_vocoder_batch(ready: list[Request], frames: list[int], budget: int, shape, may_cut=None) -> list[Request]:
+def pick_vocoder_batch(ready: list[Request], frames: list[int], budget: int, shape, may_cut=None,
+                       may_leave=None) -> list[Request]:
     """The next vocoder batch from `ready` (in priority order) with each one's flow frames.
 
     A batch costs its padded shape, `shape(n, longest) -> (n', frames')` (the CUDA-graph bucket it runs in), and
     stays within `budget` padded frame-rows, the head always included. When the head is a first chunk, only chunks
     that fit its frame bucket join it: a short first chunk is never padded up to a long prefix's length.
     `may_cut(request)`: if given, a batch that its graph would pad is cut to the largest size that needs no padding
-    when every chunk cut off may wait for the next batch (they are the last in priority order)."""
-    head_bucket = shape(1, frames[0])[1]
-    cap = head_bucket if ready[0].stats.first_chunk_at is None else None
+    when every chunk cut off may wait for the next batch (they are the last in priority order).
+    `may_leave(request)`: if given, a batch headed by a first chunk takes no chunk that it says may wait."""
+    first_head = ready[0].stats.first_chunk_at is None
+    cap = shape(1, frames[0])[1] if first_head else None
     chosen: list[Request] = []
     lengths: list[int] = []
     for request, length in zip(ready, frames):
         if chosen and cap is not None and length > cap:
+            continue
+        if chosen and first_head and may_leave is not None and request.stats.first_chunk_at is not None \
+                and may_leave(request):
             continue
         rows, padded = shape(len(chosen) + 1, max(lengths + [length]))
         if chosen and rows * padded > budget:

@@ -5,15 +5,19 @@ one request's growing hop can never leak into another's (the reference keeps it 
 """
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cuda_graphs import deferred_replays
 from .flow_pages import PagedFlow, PagedRow, StreamPages
 from .host_copy import to_device
+from .host_spans import span
 from .modules.flow import FlowBatch, HostLengths
 
 
@@ -159,11 +163,18 @@ class Token2Wav:
         return self.launch_flow(items).launch_vocoder()
 
     @torch.inference_mode()
-    def launch_flow(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]]) -> "FlowLaunched":
+    def launch_flow(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]],
+                    launcher=None) -> "FlowLaunched":
         """The flow half of `launch_batch`: encoder and sampler queued on the current stream. Its
         `launch_vocoder()` queues HiFT, best once `ready()`: queued behind a sampler still running, the host
         work of HiFT's inputs and joins can wait for the device (seen on an H200 at 32 streams: the loop that
-        launched a whole batch at once spent 33 ms doing it)."""
+        launched a whole batch at once spent 33 ms doing it). launcher: a `vocoder_worker.ReplayLauncher` that
+        launches the sampler's graph replays (and marks the flow's end) from its own thread."""
+        with span("vocoder.flow"):
+            return self._launch_flow(items, launcher)
+
+    def _launch_flow(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]],
+                     launcher=None) -> "FlowLaunched":
         started = time.perf_counter()
         device = self.device
         states = [state for state, _, _ in items]
@@ -196,28 +207,42 @@ class Token2Wav:
                 host_lengths=host_lengths,
             )
             sampled = time.perf_counter()
-            mels = self._sample(prepared, states, chunks)
+            with span("vocoder.sample"), (deferred_replays() if launcher is not None else nullcontext([])) as replays:
+                mels = self._sample(prepared, states, chunks)
         self.host_s["prepare"] += sampled - started
         self.host_s["sample"] += time.perf_counter() - sampled
         for state in states:
             if state.ended:  # ended while this batch ran, perhaps after its memory was taken: give it back
                 self.forget(state)
+        launched = FlowLaunched(self, items, mels, record=not replays)
+        if replays:
+            launcher.submit(replays, launched)
+        return launched
+
+    def _new_mels(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]], mels: list) -> list:
+        """Each chunk's new mel, float32 [1, 80, T]: from the first frame after the prompt and the audio already
+        sent. Taken once the sampler is done (its replays may be launched after `launch_flow` returns)."""
         new_mels = []
-        for state, chunk, (mel, first) in zip(states, chunks, mels):
-            # From the first frame after the prompt and the audio already sent: float32 [1, 80, T].
+        for (state, chunk, _), (mel, first) in zip(items, mels):
             begin = int(state.prompt_feat.shape[1]) + chunk.token_offset * self.cfg.token_mel_ratio - first
-            mel = mel[None, :, begin:]
+            mel = mel.float()[None, :, begin:]
             if chunk.finalize and state.speed != 1.0 and state.hift_mel is None:
                 mel = F.interpolate(mel, size=int(mel.shape[2] / state.speed), mode="linear")
             new_mels.append(mel)
-        return FlowLaunched(self, items, new_mels)
+        return new_mels
 
     @torch.inference_mode()
     def _launch_vocoder(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]],
                         mels: list[torch.Tensor]) -> "VocodedBatch":
+        with span("vocoder.hift"):
+            return self._launch_hift(items, mels)
+
+    def _launch_hift(self, items: list[tuple[StreamState, Chunk, torch.Generator | None]],
+                     mels: list[torch.Tensor]) -> "VocodedBatch":
         started = time.perf_counter()
         states = [state for state, _, _ in items]
         chunks = [chunk for _, chunk, _ in items]
+        mels = self._new_mels(items, mels)
         speech = self._vocode_batch(states, mels, [c.finalize for c in chunks], [g for _, _, g in items])
         for state, chunk in zip(states, chunks):
             state.advance(chunk)
@@ -233,7 +258,8 @@ class Token2Wav:
 
     def _sample(self, prepared: FlowBatch, states: list[StreamState], chunks: list[Chunk]):
         """The sampler for every chunk: paged rows in one call, the rest re-run their prefix in another.
-        Returns (float32 mel [80, T], absolute index of its first frame) per chunk."""
+        Returns (mel [80, T] in the sampler's dtype, absolute index of its first frame) per chunk: views of the
+        sampler's output buffers, valid until the next batch."""
         ratio = self.cfg.token_mel_ratio
         if self.paged is not None:
             self.paged.apply_releases()  # of streams that ended since the last batch
@@ -261,7 +287,6 @@ class Token2Wav:
                     prepared.speaker, prepared.mel_len, prepared.prompt_feat_len, prepared.streaming)))
             mel, _ = self.flow.decoder(mu=sub.mu, mask=sub.mask, spks=sub.speaker, cond=sub.cond, n_timesteps=10,
                                        streaming=sub.streaming)
-            mel = mel.float()
             for j, (i, end) in enumerate(zip(full, ends)):
                 first = int(states[i].prompt_feat.shape[1])
                 out[i] = (mel[j, :, first:end], first)
@@ -343,32 +368,52 @@ class Token2Wav:
 
 
 class _Launched:
-    """Work queued on the current stream, with an event marking its end on a GPU (none on the CPU, where it is
-    done when queued)."""
+    """Work queued on a stream, with an event marking its end on a GPU (none on the CPU, where it is done when
+    queued). record=False: the work is not all queued yet; whichever thread queues its last kernel calls
+    `record()` (or `fail()`), and until then the work is not ready."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, record: bool = True):
+        self.device = device
         self.event = None
-        if device.type == "cuda":
+        self.error: Exception | None = None
+        self._recorded = threading.Event()
+        if record:
+            self.record()
+
+    def record(self) -> None:
+        """Mark the end of the work queued so far on this thread's current stream."""
+        if self.device.type == "cuda":
             # blocking: a thread waiting for it sleeps instead of spinning a core
             self.event = torch.cuda.Event(blocking=True)
             self.event.record()
+        self._recorded.set()
+
+    def fail(self, error: Exception) -> None:
+        """Queuing the rest failed: the work is over, with `error`."""
+        self.error = error
+        self._recorded.set()
 
     def ready(self) -> bool:
-        return self.event is None or self.event.query()
+        if not self._recorded.is_set():
+            return False
+        return self.error is not None or self.event is None or self.event.query()
 
     def wait(self) -> None:
-        if self.event is not None:
+        self._recorded.wait()
+        if self.event is not None and self.error is None:
             self.event.synchronize()
 
 
 class FlowLaunched(_Launched):
     """A batch whose flow is queued (`Token2Wav.launch_flow`); `launch_vocoder` queues the rest."""
 
-    def __init__(self, token2wav: Token2Wav, items: list, mels: list[torch.Tensor]):
-        super().__init__(token2wav.device)
+    def __init__(self, token2wav: Token2Wav, items: list, mels: list, record: bool = True):
+        super().__init__(token2wav.device, record)
         self.token2wav, self.items, self.mels = token2wav, items, mels
 
     def launch_vocoder(self) -> "VocodedBatch":
+        if self.error is not None:
+            raise self.error
         return self.token2wav._launch_vocoder(self.items, self.mels)
 
 

@@ -11,7 +11,9 @@
   the GPU still runs both stages side by side. A batch is launched in two stages: the flow when it is handed
   over, HiFT at a later step once the flow is done (`advance`), so that no launch waits behind the sampler. A
   helper thread only waits for each stage's completion event (without the GIL) to wake the loop when it has
-  nothing else to do.
+  nothing else to do. The flow sampler's graph replays (ten per batch, each about a millisecond of host time)
+  are launched by a thread of their own (`ReplayLauncher`): a replay releases the GIL, so the loop goes on
+  stepping the LM meanwhile.
 
 Either way the engine hands a batch over when the vocoder is idle and collects the results at its next step;
 at most one batch is in flight, so the batch grows with the load.
@@ -140,6 +142,47 @@ class VocoderWorker(_Vocoder):
             self.on_done()
 
 
+class ReplayLauncher:
+    """Launches queued CUDA graph replays on a stream, in order, from a thread of its own, then marks each job's
+    end (`FlowLaunched.record`, on that stream). The engine loop queues a job only after every kernel the
+    replays read, on the same stream, so stream order keeps them right; and it reads their outputs only once
+    the job's event has fired."""
+
+    def __init__(self, device: torch.device, stream: torch.cuda.Stream | None):
+        self.device = device
+        self.stream = stream
+        self.busy_s = 0.0  # host time spent launching, for the engine's counters
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="cosyvoice-vocoder-replays", daemon=True)
+        self._thread.start()
+
+    def submit(self, replays: list, launched) -> None:
+        self._jobs.put((replays, launched))
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        on_gpu = self.device.type == "cuda"
+        with torch.cuda.device(self.device) if on_gpu else nullcontext(), self._on_stream():
+            while (job := self._jobs.get()) is not None:
+                replays, launched = job
+                started = time.perf_counter()
+                try:
+                    for replay in replays:
+                        replay()
+                except Exception as exc:  # the batch fails, reported by the engine; the thread lives on
+                    log.exception("launching a vocoder graph failed")
+                    launched.fail(exc)
+                else:
+                    launched.record()
+                self.busy_s += time.perf_counter() - started
+
+
 class OverlappedVocoder(_Vocoder):
     """The "overlap" placement (see the module doc): every method but the watcher runs on the engine loop's
     thread."""
@@ -154,6 +197,8 @@ class OverlappedVocoder(_Vocoder):
         self._launched: queue.SimpleQueue = queue.SimpleQueue()
         self._watcher = threading.Thread(target=self._watch, name="cosyvoice-vocoder-done", daemon=True)
         self._watcher.start()
+        self.launcher = ReplayLauncher(device, self.stream) if self.stream is not None else None
+        self.replays_apart = self.launcher is not None  # False: the loop launches the replays itself
 
     @property
     def idle(self) -> bool:
@@ -169,7 +214,8 @@ class OverlappedVocoder(_Vocoder):
         started = time.perf_counter()
         try:
             with self._on_stream():
-                launched = self.token2wav.launch_flow(self._items(batch))
+                launched = self.token2wav.launch_flow(self._items(batch),
+                                                      self.launcher if self.replays_apart else None)
         except Exception as exc:  # reported per request by the engine, as the thread placement does
             log.exception("vocoder batch failed")
             self._done.extend(self._outcome(batch, None, exc))
@@ -226,6 +272,8 @@ class OverlappedVocoder(_Vocoder):
     def stop(self) -> None:
         self._launched.put(None)
         self._watcher.join(timeout=30)
+        if self.launcher is not None:
+            self.launcher.stop()
 
     def _watch(self) -> None:
         while (launched := self._launched.get()) is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -29,9 +30,11 @@ from pathlib import Path
 import torch
 
 from ..engine import Engine, SynthesisParams
+from ..engine import host_spans
 from ..engine.errors import EngineError
 from ..engine.scheduler import SchedulerConfig
 from ..engine.vocoder_worker import VOCODER_MODES
+from .host_profile import summarize
 
 TWENTY_WORDS = ("Thanks for calling, your order has shipped today and should arrive at your door "
                 "within three business days, anything else?")
@@ -459,10 +462,19 @@ def parse_named_levels(text: str, names, what: str = "POLICY") -> list[tuple[int
     return runs
 
 
+# Settings of the overlap placement's vocoder a level may set (besides SchedulerConfig's): 0 or 1.
+VOCODER_SETTINGS = ("replays_apart",)
+# text_worker=0: the level's texts are normalised in the submitting threads, not the engine's worker process.
+ENGINE_SETTINGS = ("text_worker",)
+
+
 def parse_vocoder_levels(text: str) -> list[tuple[int, str, tuple[tuple[str, float], ...]]]:
     """"32:thread,32:overlap:hold_ahead_s=0.5" -> [(32, "thread", ()), (32, "overlap", (("hold_ahead_s", 0.5),))]:
-    LEVEL:PLACEMENT, then any number of :FIELD=VALUE, numeric fields of SchedulerConfig set for that level."""
-    numeric = {f.name for f in fields(SchedulerConfig) if f.type in ("int", "float", "float | None", "int | None")}
+    LEVEL:PLACEMENT, then any number of :FIELD=VALUE: numeric or yes/no (0/1) fields of SchedulerConfig, or
+    VOCODER_SETTINGS, set for that level."""
+    numeric = {f.name for f in fields(SchedulerConfig)
+               if f.type in ("int", "float", "float | None", "int | None", "bool")} | set(VOCODER_SETTINGS) \
+        | set(ENGINE_SETTINGS)
     runs = []
     for item in filter(None, text.split(",")):
         users, placement, *assignments = item.split(":")
@@ -481,14 +493,48 @@ def parse_vocoder_levels(text: str) -> list[tuple[int, str, tuple[tuple[str, flo
 
 
 def level_config(config: SchedulerConfig, settings: tuple[tuple[str, float], ...]) -> SchedulerConfig:
-    """`config` with a level's settings, each in its field's type."""
+    """`config` with a level's settings (those of SchedulerConfig), each in its field's type."""
     types = {f.name: f.type for f in fields(SchedulerConfig)}
-    return replace(config, **{name: int(value) if types[name].startswith("int") else value
-                              for name, value in settings})
+    convert = {"int": int, "bool": bool}
+    return replace(config, **{name: convert.get(types[name].split(" ")[0], float)(value)
+                              for name, value in settings if name in types})
 
 
 def parse_scheduling_levels(text: str) -> list[tuple[int, str]]:
     return parse_named_levels(text, SCHEDULING)
+
+
+def profile_level(engine: Engine, users: int, duration: float, text: str, voice: str, ramp_s: float,
+                  seconds: float, trace: Path | None) -> tuple[dict, dict]:
+    """One level with torch.profiler on for `seconds` once the level is in steady state (after the ramp and a
+    second); the engine's host spans are on only meanwhile. Returns (level summary, host_profile.summarize of
+    the window). The profiler slows the host: the level's own numbers are not comparable with the others'."""
+    holder: dict = {}
+    worker = threading.Thread(target=lambda: holder.update(summary=run_level(engine, users, duration, text, voice,
+                                                                             ramp_s=ramp_s)), daemon=True)
+    worker.start()
+    time.sleep(ramp_s + 1.0)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if engine.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:  # the engine's loop is not the thread that starts the profiler; syncs shown where CUDA can show them
+        config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=True)
+    except TypeError as exc:
+        raise SystemExit(f"--profile-level needs a torch whose profiler records every thread: {exc}") from exc
+    host_spans.enable(True)
+    try:
+        with torch.profiler.profile(activities=activities, experimental_config=config) as prof:
+            time.sleep(seconds)
+    finally:
+        host_spans.enable(False)
+    path = trace or Path(f"/tmp/bench_engine_trace_{os.getpid()}.json")
+    prof.export_chrome_trace(str(path))
+    with open(path) as f:
+        window = summarize(json.load(f)["traceEvents"])
+    if trace is None:
+        path.unlink()
+    worker.join()
+    return holder["summary"], window
 
 
 def parse_levels(text: str) -> list[int]:
@@ -554,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage-times", default="",
                         help="vocoder stage timing before the levels, e.g. 1x28,16x28,16x253L (batch x tokens; "
                              "L: the last chunk of a stream that long, after its earlier chunks)")
+    parser.add_argument("--profile-level", type=int, default=0, metavar="N",
+                        help="after the levels, N streams again with torch.profiler on for --profile-seconds: the "
+                             "engine's host time by span, CUDA runtime call and torch op (tools/host_profile.py)")
+    parser.add_argument("--profile-seconds", type=float, default=2.0)
+    parser.add_argument("--profile-trace", type=Path, default=None,
+                        help="keep the profiler's Chrome trace there (default: summarised, then deleted)")
     args = parser.parse_args(argv)
 
     levels = parse_levels(args.concurrency)
@@ -611,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             "loop_s", "vocoder_s", "vocoder_batches", "vocoder_items", "flow_graphed_calls", "flow_eager_calls",
             "flow_paged_graphed_calls", "flow_paged_eager_calls", "flow_paged_fallbacks", "encoder_graphed_calls",
             "encoder_eager_calls", "hift_graphed_calls", "hift_eager_calls", "vocoder_host_prepare_s",
-            "vocoder_host_sample_s", "vocoder_host_hift_s")
+            "vocoder_host_sample_s", "vocoder_host_hift_s", "vocoder_host_replay_s")
     paged = engine.paged_flow
     default_flow = "paged" if paged is not None else "rerun"
     runs = [LevelRun(u, default_flow, arrivals=args.arrivals) for u in levels]
@@ -640,6 +692,13 @@ def main(argv: list[str] | None = None) -> int:
         if run.settings:
             engine.scheduler.config = level_config(engine.scheduler.config, run.settings)
         engine.set_vocoder_mode(run.vocoder or engine_vocoder)
+        vocoder_defaults = {name: getattr(engine.vocoder, name) for name, _ in run.settings
+                            if name in VOCODER_SETTINGS and hasattr(engine.vocoder, name)}
+        for name in vocoder_defaults:
+            setattr(engine.vocoder, name, bool(dict(run.settings)[name]))
+        text_normalizer = engine.text_normalizer
+        if not dict(run.settings).get("text_worker", 1):
+            engine.text_normalizer = None
         with flow_setting(engine, paged if run.flow == "paged" else None, engine.token2wav.paged_from_frames):
             engine.runner.batch_prefill = run.batch_prefill
             if run.switch_interval is not None:
@@ -652,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
                 engine.runner.batch_prefill = True
                 sys.setswitchinterval(switch)
                 engine.scheduler.config = engine_scheduling
+                for name, value in vocoder_defaults.items():
+                    setattr(engine.vocoder, name, value)
+                engine.text_normalizer = text_normalizer
         summary["flow"] = run.flow
         summary["prefill"] = "batched" if run.batch_prefill else "single"
         summary["gil_switch_interval_s"] = run.switch_interval or switch
@@ -663,6 +725,14 @@ def main(argv: list[str] | None = None) -> int:
             summary["engine"]["flow_memory_pages_free_after"] = after["flow_memory_pages_free"]
         report["levels"].append(summary)
         print(json.dumps(summary), flush=True)
+    if args.profile_level:
+        summary, window = profile_level(engine, args.profile_level, args.duration, args.text, args.voice, args.ramp,
+                                        args.profile_seconds, args.profile_trace)
+        summary["profiled"] = True
+        report["levels"].append(summary)
+        report["host_profile"] = window
+        print(json.dumps(summary), flush=True)
+        print(json.dumps({"host_profile": window}), flush=True)
     engine.shutdown()
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
