@@ -6,7 +6,6 @@ messages with their requests, so a slow client never stalls the GPU and no reque
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -35,7 +34,7 @@ from .scheduler import Scheduler, SchedulerConfig, audio_ahead_s, can_wait, pick
 from .sm_partition import SmPartition, split_streams
 from .text_worker import TextNormalizer
 from .token2wav import PAGED_FROM_FRAMES, StreamConfig, StreamState, Token2Wav
-from .vocoder_worker import check_mode as check_vocoder_mode, make_vocoder
+from .vocoder_worker import check_mode as check_vocoder_mode, make_vocoder, on_stream
 from .voices import voice_prompt
 
 log = logging.getLogger(__name__)
@@ -284,14 +283,10 @@ class Engine:
     def _capture_graphs(self) -> None:
         # Each stage's graphs are captured on the stream it will run on: with an SM partition, that is what
         # binds a graph to its SMs.
-        with self._on_stream(self.partition.lm if self.partition else None):
+        with on_stream(self.partition.lm if self.partition else None):
             self.runner.capture(self.max_sessions)
-        with self._on_stream(self.partition.vocoder if self.partition else None):
+        with on_stream(self.partition.vocoder if self.partition else None):
             self._capture_vocoder_graphs()
-
-    @staticmethod
-    def _on_stream(stream):
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _capture_vocoder_graphs(self) -> None:
         if self.flow_graphs is not None:

@@ -41,6 +41,11 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"vocoder_mode must be one of {', '.join(VOCODER_MODES)}, not {mode!r}")
 
 
+def on_stream(stream: torch.cuda.Stream | None):
+    """Work queued in the block goes on `stream` (None: the CPU, or the current stream)."""
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+
 def make_vocoder(mode: str, token2wav: Token2Wav, device: torch.device, on_done,
                  stream: torch.cuda.Stream | None = None) -> "VocoderWorker | OverlappedVocoder":
     check_mode(mode)
@@ -63,7 +68,7 @@ class _Vocoder:
         self.busy_s = 0.0  # from each batch's launch to its audio on the host, for the engine's counters
 
     def _on_stream(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        return on_stream(self.stream)
 
     def advance(self) -> None:
         pass
@@ -159,16 +164,13 @@ class ReplayLauncher:
     def submit(self, replays: list, launched) -> None:
         self._jobs.put((replays, launched))
 
-    def _on_stream(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
-
     def stop(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         on_gpu = self.device.type == "cuda"
-        with torch.cuda.device(self.device) if on_gpu else nullcontext(), self._on_stream():
+        with torch.cuda.device(self.device) if on_gpu else nullcontext(), on_stream(self.stream):
             while (job := self._jobs.get()) is not None:
                 replays, launched = job
                 started = time.perf_counter()
