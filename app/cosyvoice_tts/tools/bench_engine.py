@@ -34,7 +34,7 @@ from ..engine import host_spans
 from ..engine.errors import EngineError
 from ..engine.scheduler import SchedulerConfig
 from ..engine.vocoder_worker import VOCODER_MODES
-from .host_profile import summarize
+from .host_profile import load_trace, summarize
 
 TWENTY_WORDS = ("Thanks for calling, your order has shipped today and should arrive at your door "
                 "within three business days, anything else?")
@@ -470,8 +470,8 @@ ENGINE_SETTINGS = ("text_worker",)
 
 def parse_vocoder_levels(text: str) -> list[tuple[int, str, tuple[tuple[str, float], ...]]]:
     """"32:thread,32:overlap:hold_ahead_s=0.5" -> [(32, "thread", ()), (32, "overlap", (("hold_ahead_s", 0.5),))]:
-    LEVEL:PLACEMENT, then any number of :FIELD=VALUE: numeric or yes/no (0/1) fields of SchedulerConfig, or
-    VOCODER_SETTINGS, set for that level."""
+    LEVEL:PLACEMENT, then any number of :FIELD=VALUE: numeric or yes/no (0/1) fields of SchedulerConfig,
+    VOCODER_SETTINGS or ENGINE_SETTINGS, set for that level."""
     numeric = {f.name for f in fields(SchedulerConfig)
                if f.type in ("int", "float", "float | None", "int | None", "bool")} | set(VOCODER_SETTINGS) \
         | set(ENGINE_SETTINGS)
@@ -529,8 +529,7 @@ def profile_level(engine: Engine, users: int, duration: float, text: str, voice:
         host_spans.enable(False)
     path = trace or Path(f"/tmp/bench_engine_trace_{os.getpid()}.json")
     prof.export_chrome_trace(str(path))
-    with open(path) as f:
-        window = summarize(json.load(f)["traceEvents"])
+    window = summarize(load_trace(path))
     if trace is None:
         path.unlink()
     worker.join()
