@@ -121,8 +121,10 @@ def test_vocoder_levels_name_a_placement_and_scheduler_settings():
     config = bench_engine.level_config(SchedulerConfig(), runs[1][2])
     assert config.hold_ahead_s == 0.5 and config.max_vocoder_frames == 4096
     assert isinstance(config.max_vocoder_frames, int)
-    (_, _, settings), = bench_engine.parse_vocoder_levels("32:overlap:first_chunks_apart=0:replays_apart=0:text_worker=0")
-    assert settings == (("first_chunks_apart", 0.0), ("replays_apart", 0.0), ("text_worker", 0.0))
+    (_, _, settings), = bench_engine.parse_vocoder_levels(
+        "32:overlap:first_chunks_apart=0:replays_apart=0:text_worker=0:prefill_with_decode=0")
+    assert settings == (("first_chunks_apart", 0.0), ("replays_apart", 0.0), ("text_worker", 0.0),
+                        ("prefill_with_decode", 0.0))
     config = bench_engine.level_config(SchedulerConfig(), settings)  # the vocoder's own setting is not the config's
     assert config.first_chunks_apart is False and config == replace(SchedulerConfig(), first_chunks_apart=False)
     for bad in ("32:fast", "32:overlap:hold_ahead_s", "32:overlap:nope=2", "32:overlap:prompt=1"):
@@ -136,13 +138,16 @@ def test_a_profiled_level_reports_the_loop_by_span(tiny_model_dir, tmp_path):
     out, trace = tmp_path / "report.json", tmp_path / "trace.json"
     code = bench_engine.main(["--model-dir", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32",
                               "--concurrency", "1", "--duration", "3", "--max-sessions", "2", "--ramp", "0",
-                              "--vocoder-levels", "1:overlap:first_chunks_apart=0:replays_apart=0:text_worker=0",
+                              "--vocoder-levels",
+                              "1:overlap:first_chunks_apart=0:replays_apart=0:text_worker=0:prefill_with_decode=0",
                               "--profile-level", "1", "--profile-seconds", "2", "--profile-trace", str(trace),
                               "--out", str(out)])
     assert code in (0, None)
     report = json.loads(out.read_text())
     *_, settings_level, profiled = report["levels"]
-    assert settings_level["settings"] == {"first_chunks_apart": 0.0, "replays_apart": 0.0, "text_worker": 0.0}
+    assert settings_level["settings"] == {"first_chunks_apart": 0.0, "replays_apart": 0.0, "text_worker": 0.0,
+                                          "prefill_with_decode": 0.0}
+    assert settings_level["engine"]["prefills_with_decode"] == 0
     assert not settings_level["errors"] and settings_level["requests"] >= 1
     assert profiled["profiled"] is True and not profiled["errors"]
     spans = report["host_profile"]["spans"]

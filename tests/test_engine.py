@@ -117,6 +117,28 @@ def test_interleaved_requests_equal_each_alone(engine):
     np.testing.assert_allclose(results["b"], alone_b, atol=1e-5)
 
 
+def test_a_request_prefilled_beside_running_decodes_equals_it_alone(engine, monkeypatch):
+    """A request arriving while another decodes is prefilled in the same step as that decode, both read back
+    together (Engine.prefill_with_decode): its audio is the audio it has alone."""
+    alone, _ = synth(engine, TEXT_EN, voice="英文男", seed=23)
+    before = engine.counters["prefills_with_decode"]
+    launches, late = [], []
+    launch_decode = engine.runner.launch_decode
+
+    def submit_late_on_the_fifth_step(rows):
+        # From the loop itself, so the arrival surely lands while the first request is still decoding.
+        launches.append(len(rows))
+        if len(launches) == 5:
+            late.append(engine.submit(SynthesisParams(voice="英文男", seed=23), text=TEXT_EN))
+        return launch_decode(rows)
+
+    monkeypatch.setattr(engine.runner, "launch_decode", submit_late_on_the_fifth_step)
+    running = engine.submit(SynthesisParams(voice="中文女", seed=24), text=TEXT_ZH * 2)
+    running.audio()
+    assert late and engine.counters["prefills_with_decode"] > before
+    np.testing.assert_allclose(late[0].audio(), alone, atol=1e-5)
+
+
 def test_cancel_frees_state(engine):
     request = engine.submit(SynthesisParams(voice="中文女", seed=5), text=TEXT_ZH * 4)
     iterator = iter(request)

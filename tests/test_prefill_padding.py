@@ -142,3 +142,28 @@ def test_batched_prefill_refuses_a_context_past_the_cache(tiny_model_dir):
     slot = runner.cache.allocate()
     with pytest.raises(CacheFullError):
         runner.extend_batch([(slot, 250, PROMPTS[0]), (runner.cache.allocate(), 0, PROMPTS[1])])
+
+
+@torch.inference_mode()
+def test_a_queued_prefill_reads_back_after_a_decode_launched_behind_it(tiny_model_dir):
+    """The engine queues a step's prefill, then its decode, and reads both back after: the prefill's log-probs
+    are those of a prefill waited for alone, in item order also where the items go one forward each."""
+    from cosyvoice_tts.engine.model_runner import DecodeRow
+
+    engine = Engine.load(tiny_model_dir, max_sessions=8, max_context=512)
+    runner = engine.runner
+    alone = [runner.cache.allocate() for _ in range(3)]
+    want = [runner.extend(slot, 0, p) for slot, p in zip(alone, PROMPTS)]
+    running = runner.cache.allocate()
+    runner.extend(running, 0, PROMPTS[0])
+    for batch_prefill in (True, False):
+        runner.batch_prefill = batch_prefill
+        slots = [runner.cache.allocate() for _ in range(3)]
+        pending = runner.launch_extend_batch([(slot, 0, p) for slot, p in zip(slots, PROMPTS)])
+        runner.decode([DecodeRow(running, 22, 7)])
+        got = pending.result()
+        assert len(got) == 3
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+        for slot in slots:
+            runner.cache.release(slot)

@@ -129,12 +129,15 @@ class Engine:
         self.vocoder = None  # vocoder_worker.py, made at start in `_make_vocoder`
         self._vocoder_mode = vocoder_mode
         self._first_chunk_in_flight = False
+        # A step's prefill is queued with its decode and read back with it, instead of being waited for before the
+        # decode is launched: the loop's host work of the step (the vocoder hand-off) then overlaps both.
+        self.prefill_with_decode = True
         self.lm_sms = lm_sms  # split at start (sm_partition.py); None or 0: both on the whole GPU
         self.partition: SmPartition | None = None
         self._stopping = False
         self.counters = {"steps": 0, "decode_rows": 0, "chunks": 0, "extend_s": 0.0, "decode_s": 0.0,
                          "decode_forward_s": 0.0, "sample_s": 0.0, "sample_cpu_s": 0.0, "loop_s": 0.0,
-                         "vocoder_batches": 0, "vocoder_items": 0}
+                         "vocoder_batches": 0, "vocoder_items": 0, "prefills_with_decode": 0}
 
     def _paged_flow(self, flow_dtype: torch.dtype, max_graph_frames: int, paged_from_frames: int) -> PagedFlow | None:
         """The batched incremental flow sampler (its memory comes at start, see `_attach_flow_memory`); None where
@@ -560,16 +563,26 @@ class Engine:
         if not plan.decode:
             self._timed_hand_off(hand_off)
         t0 = time.perf_counter()
+        prefill = None
         if plan.extend:
             with span("lm.extend"):
-                self._lm_extend(plan.extend)
+                prefill = self._launch_extend(plan.extend)
+                if prefill is not None and not (self.prefill_with_decode and plan.decode):
+                    self._take_extend(*prefill)
+                    prefill = None
         t1 = time.perf_counter()
         handed = 0.0
         if plan.decode:
             handed = self._lm_decode([r for r in plan.decode if r in self._active], hand_off)
-        # Each phase ends in a device-to-host copy, so wall time per phase is the device time too.
-        self.counters["extend_s"] += t1 - t0
-        self.counters["decode_s"] += time.perf_counter() - t1 - handed
+        t2 = time.perf_counter()
+        if prefill is not None:
+            with span("lm.extend"):
+                self._take_extend(*prefill)  # read back with the decode step: no wait left
+            self.counters["prefills_with_decode"] += 1
+        # Each phase ends in a device-to-host copy, so wall time per phase is the device time too; a prefill read
+        # back with the decode step counts its device time in the decode's.
+        self.counters["extend_s"] += t1 - t0 + time.perf_counter() - t2
+        self.counters["decode_s"] += t2 - t1 - handed
 
     def _timed_hand_off(self, hand_off) -> float:
         """Run `hand_off` (if any), counting its time as the loop's host time; returns that time."""
@@ -582,8 +595,9 @@ class Engine:
         self.counters["loop_s"] += spent
         return spent
 
-    def _lm_extend(self, requests: list[Request]) -> None:
-        """Prefill (or feed several inputs to) every request of the step in one forward where one fits."""
+    def _launch_extend(self, requests: list[Request]):
+        """Queue the prefill (or several inputs) of every request of the step, in one forward where one fits;
+        None if none fits its context, else what `_take_extend` needs."""
         fits, items = [], []
         for request in requests:
             pieces = request.program.take_input()
@@ -595,9 +609,14 @@ class Engine:
             fits.append(request)
             items.append((request.slot, request.position, pieces))
         if not items:
-            return
-        for request, (_, _, pieces), logp in zip(fits, items, self.runner.extend_batch(items)):
-            request.position += pieces_length(pieces)
+            return None
+        return fits, [pieces_length(pieces) for _, _, pieces in items], self.runner.launch_extend_batch(items)
+
+    def _take_extend(self, requests: list[Request], lengths: list[int], pending) -> None:
+        for request, length, logp in zip(requests, lengths, pending.result()):
+            if request not in self._active:
+                continue  # failed in between
+            request.position += length
             self._after_lm(request, logp)
 
     def _lm_decode(self, requests: list[Request], hand_off=None) -> float:

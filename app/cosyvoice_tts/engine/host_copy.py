@@ -20,3 +20,10 @@ def to_device(data, device: torch.device | str, dtype: torch.dtype | None = None
         return tensor.to(device)
     # The pinned block goes back to torch's host cache, which reuses it only once the copy is done.
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def copy_into(target: torch.Tensor, host: torch.Tensor) -> None:
+    """`target.copy_(host)` in stream order, not waited for: staged in pinned memory where `target` is on a GPU."""
+    if target.device.type == "cuda" and host.device.type == "cpu":
+        host = host.pin_memory()
+    target.copy_(host, non_blocking=True)

@@ -2,6 +2,8 @@
 
 Two kinds of LM work: `extend` feeds a request several inputs (prompt prefill, bistream text, re-fed inputs), and
 `extend_batch` several requests at once; `decode` feeds many requests one speech token each in a single forward.
+Both come in two halves as well, queued on the device (`launch_extend_batch`, `launch_decode`) and waited for,
+so that the engine can queue a step's prefill and decode together and do its host work while the GPU runs them.
 On CUDA both are captured as CUDA graphs for ladders of shapes (eager decoding is launch-bound: ~64 ms vs ~3 ms a
 step on an H100 for this model), with padded rows writing into a scratch slot.
 """
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from .cuda_graphs import capture_graph
+from .host_copy import copy_into, to_device
 from .kv_cache import CacheFullError, KVCache
 from .lm_program import Piece, pieces_length
 from .modules.llm import Qwen2LM
@@ -35,6 +38,20 @@ class DecodeRow:
     slot: int
     position: int
     token: int
+
+
+class PendingLogprobs:
+    """Log-probs (CPU fp32, one row per request) whose copy from the device is queued; `result` waits for it."""
+
+    def __init__(self, rows: list[torch.Tensor], copied: "torch.cuda.Event | None"):
+        self._rows = rows
+        self._copied = copied
+
+    def result(self) -> list[torch.Tensor]:
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        return self._rows
 
 
 def batch_ladder(max_batch: int) -> list[int]:
@@ -105,7 +122,7 @@ class PaddedExtend:
         host = torch.tensor([list(slots) + [self.runner.cache.scratch_slot] * pad, list(starts) + [0] * pad,
                              [row * self.length + e.shape[0] - 1 for row, e in enumerate(embeds)] + [0] * pad],
                             dtype=torch.long)
-        self.rows.copy_(host, non_blocking=True)
+        copy_into(self.rows, host)
 
     def run(self, embeds: list[torch.Tensor], slots: list[int], starts: list[int]) -> torch.Tensor:
         """embeds[i] [n_i, hidden] for slot slots[i] from position starts[i] -> log-probs [batch, vocab] (the
@@ -160,9 +177,9 @@ class ModelRunner:
             elif kind == "task":
                 parts.append(self.llm.task_embedding())
             elif kind == "text" and ids:
-                parts.append(self.llm.embed_text(torch.tensor(ids, dtype=torch.long, device=self.device)))
+                parts.append(self.llm.embed_text(to_device(ids, self.device, torch.long)))
             elif kind == "speech" and ids:
-                parts.append(self.llm.embed_speech(torch.tensor(ids, dtype=torch.long, device=self.device)))
+                parts.append(self.llm.embed_speech(to_device(ids, self.device, torch.long)))
         return torch.cat(parts, dim=0)
 
     # --- LM steps -----------------------------------------------------------------
@@ -175,10 +192,15 @@ class ModelRunner:
         """Feed a request several inputs at positions start.. and return log-probs after the last one (CPU fp32)."""
         return self.extend_batch([(slot, start, pieces)])[0]
 
-    @torch.inference_mode()
     def extend_batch(self, items: list[tuple[int, int, list[Piece]]]) -> list[torch.Tensor]:
         """`extend` for several requests, (slot, start, pieces) each, in one forward where one fits (a captured
         batch on a GPU; padded, eagerly, without CUDA graphs), else one after another."""
+        return self.launch_extend_batch(items).result()
+
+    @torch.inference_mode()
+    def launch_extend_batch(self, items: list[tuple[int, int, list[Piece]]]) -> PendingLogprobs:
+        """`extend_batch` queued on the device, not waited for. Raises CacheFullError (before queueing anything)
+        if an item does not fit its context."""
         for _, start, pieces in items:
             self.check_context(start, pieces_length(pieces))
         longest = max(pieces_length(pieces) for _, _, pieces in items)
@@ -189,12 +211,33 @@ class ModelRunner:
         together = len(items) == 1 or (self.batch_prefill and last_start + longest <= self.max_len
                                        and (graph is not None or not self.use_cuda_graphs))
         if not together:
-            return [self.extend(*item) for item in items]
+            # One forward each, queued one behind the other; each copy to the host is queued before the next
+            # forward can reuse the captured output buffer.
+            rows = [row for item in items for row in self._queue_extend([item], None)]
+        else:
+            rows = self._queue_extend(items, graph)
+        if self.device.type != "cuda":
+            return PendingLogprobs(rows, None)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(self.device))
+        return PendingLogprobs(rows, copied)
+
+    def _queue_extend(self, items: list[tuple[int, int, list[Piece]]],
+                      graph: "_CapturedExtend | None") -> list[torch.Tensor]:
+        """One forward for `items` (captured `graph`, else eager), its log-probs' copy to the host queued."""
+        longest = max(pieces_length(pieces) for _, _, pieces in items)
+        last_start = max(start for _, start, _ in items)
+        if graph is None and self.use_cuda_graphs:
+            graph = self._extend_graph_for(len(items), longest, last_start)
         if graph is None:  # no CUDA graphs, or one request longer than any captured prefill
             graph = PaddedExtend(self, longest, last_start + longest, len(items))
         embeds = [self.embed(pieces) for _, _, pieces in items]
-        logp = graph.run(embeds, [slot for slot, _, _ in items], [start for _, start, _ in items])
-        return list(logp[:len(items)].float().cpu().unbind(0))
+        logp = graph.run(embeds, [slot for slot, _, _ in items], [start for _, start, _ in items])[:len(items)]
+        if logp.device.type != "cuda":
+            return list(logp.unbind(0))
+        host = torch.empty(logp.shape, dtype=logp.dtype, pin_memory=True)
+        host.copy_(logp, non_blocking=True)
+        return list(host.unbind(0))
 
     def _decode_forward(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                         key_len: int | None = None) -> torch.Tensor:

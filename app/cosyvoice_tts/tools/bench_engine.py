@@ -465,7 +465,8 @@ def parse_named_levels(text: str, names, what: str = "POLICY") -> list[tuple[int
 # Settings of the overlap placement's vocoder a level may set (besides SchedulerConfig's): 0 or 1.
 VOCODER_SETTINGS = ("replays_apart",)
 # text_worker=0: the level's texts are normalised in the submitting threads, not the engine's worker process.
-ENGINE_SETTINGS = ("text_worker",)
+# prefill_with_decode=0: a step's prefill is waited for before its decode is launched (Engine.prefill_with_decode).
+ENGINE_SETTINGS = ("text_worker", "prefill_with_decode")
 
 
 def parse_vocoder_levels(text: str) -> list[tuple[int, str, tuple[tuple[str, float], ...]]]:
@@ -662,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             "loop_s", "vocoder_s", "vocoder_batches", "vocoder_items", "flow_graphed_calls", "flow_eager_calls",
             "flow_paged_graphed_calls", "flow_paged_eager_calls", "flow_paged_fallbacks", "encoder_graphed_calls",
             "encoder_eager_calls", "hift_graphed_calls", "hift_eager_calls", "vocoder_host_prepare_s",
-            "vocoder_host_sample_s", "vocoder_host_hift_s", "vocoder_host_replay_s")
+            "vocoder_host_sample_s", "vocoder_host_hift_s", "vocoder_host_replay_s", "prefills_with_decode")
     paged = engine.paged_flow
     default_flow = "paged" if paged is not None else "rerun"
     runs = [LevelRun(u, default_flow, arrivals=args.arrivals) for u in levels]
@@ -698,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
         text_normalizer = engine.text_normalizer
         if not dict(run.settings).get("text_worker", 1):
             engine.text_normalizer = None
+        prefill_with_decode = engine.prefill_with_decode
+        engine.prefill_with_decode = bool(dict(run.settings).get("prefill_with_decode", prefill_with_decode))
         with flow_setting(engine, paged if run.flow == "paged" else None, engine.token2wav.paged_from_frames):
             engine.runner.batch_prefill = run.batch_prefill
             if run.switch_interval is not None:
@@ -713,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, value in vocoder_defaults.items():
                     setattr(engine.vocoder, name, value)
                 engine.text_normalizer = text_normalizer
+                engine.prefill_with_decode = prefill_with_decode
         summary["flow"] = run.flow
         summary["prefill"] = "batched" if run.batch_prefill else "single"
         summary["gil_switch_interval_s"] = run.switch_interval or switch
