@@ -144,6 +144,11 @@ class _CapturedExtend(PaddedExtend):
         return self.logp
 
 
+def _extent(items: list[tuple[int, int, list[Piece]]]) -> tuple[int, int]:
+    """(the most inputs of any item, the latest start) of extend items (slot, start, pieces)."""
+    return max(pieces_length(pieces) for _, _, pieces in items), max(start for _, start, _ in items)
+
+
 def length_buckets(max_len: int) -> list[int]:
     """Prefill lengths captured as graphs: prompts are short; longer inputs run eagerly (rare, and not
     launch-bound)."""
@@ -203,19 +208,21 @@ class ModelRunner:
         if an item does not fit its context."""
         for _, start, pieces in items:
             self.check_context(start, pieces_length(pieces))
-        longest = max(pieces_length(pieces) for _, _, pieces in items)
-        last_start = max(start for _, start, _ in items)
+        longest, last_start = _extent(items)
         graph = self._extend_graph_for(len(items), longest, last_start) if self.use_cuda_graphs else None
         # Several requests go together in a captured batch, or eagerly where nothing is captured, as long as
         # padding one row to another's length does not run off its slot.
         together = len(items) == 1 or (self.batch_prefill and last_start + longest <= self.max_len
                                        and (graph is not None or not self.use_cuda_graphs))
-        if not together:
+        if together:
+            rows = self._queue_extend(items, graph)
+        else:
             # One forward each, queued one behind the other; each copy to the host is queued before the next
             # forward can reuse the captured output buffer.
-            rows = [row for item in items for row in self._queue_extend([item], None)]
-        else:
-            rows = self._queue_extend(items, graph)
+            rows = []
+            for item in items:
+                alone = self._extend_graph_for(1, *_extent([item])) if self.use_cuda_graphs else None
+                rows += self._queue_extend([item], alone)
         if self.device.type != "cuda":
             return PendingLogprobs(rows, None)
         copied = torch.cuda.Event()
@@ -225,16 +232,13 @@ class ModelRunner:
     def _queue_extend(self, items: list[tuple[int, int, list[Piece]]],
                       graph: "_CapturedExtend | None") -> list[torch.Tensor]:
         """One forward for `items` (captured `graph`, else eager), its log-probs' copy to the host queued."""
-        longest = max(pieces_length(pieces) for _, _, pieces in items)
-        last_start = max(start for _, start, _ in items)
-        if graph is None and self.use_cuda_graphs:
-            graph = self._extend_graph_for(len(items), longest, last_start)
         if graph is None:  # no CUDA graphs, or one request longer than any captured prefill
+            longest, last_start = _extent(items)
             graph = PaddedExtend(self, longest, last_start + longest, len(items))
         embeds = [self.embed(pieces) for _, _, pieces in items]
         logp = graph.run(embeds, [slot for slot, _, _ in items], [start for _, start, _ in items])[:len(items)]
         if logp.device.type != "cuda":
-            return list(logp.unbind(0))
+            return list(logp.clone().unbind(0))  # a graph's output buffer is overwritten by its next replay
         host = torch.empty(logp.shape, dtype=logp.dtype, pin_memory=True)
         host.copy_(logp, non_blocking=True)
         return list(host.unbind(0))
