@@ -1,4 +1,4 @@
-"""Host data onto the GPU without waiting for it.
+"""Host data onto the GPU, and device data back to the host, without waiting for it.
 
 A plain host-to-device copy in torch (`tensor.to("cuda")`, `torch.tensor(..., device="cuda")`, `copy_` from a
 CPU tensor) synchronises the current stream after the copy. On the vocoder's stream that means waiting for every
@@ -27,3 +27,13 @@ def copy_into(target: torch.Tensor, host: torch.Tensor) -> None:
     if target.device.type == "cuda" and host.device.type == "cpu":
         host = host.pin_memory()
     target.copy_(host, non_blocking=True)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the host: from a GPU, a copy into pinned memory queued on the current stream and not waited
+    for (valid once the stream gets past it; wait on an event recorded after this call); else `tensor` itself."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .cuda_graphs import capture_graph
-from .host_copy import copy_into, to_device
+from .host_copy import copy_into, to_device, to_host
 from .kv_cache import CacheFullError, KVCache
 from .lm_program import Piece, pieces_length
 from .modules.llm import Qwen2LM
@@ -237,10 +237,8 @@ class ModelRunner:
             graph = PaddedExtend(self, longest, last_start + longest, len(items))
         embeds = [self.embed(pieces) for _, _, pieces in items]
         logp = graph.run(embeds, [slot for slot, _, _ in items], [start for _, start, _ in items])[:len(items)]
-        if logp.device.type != "cuda":
-            return list(logp.clone().unbind(0))  # a graph's output buffer is overwritten by its next replay
-        host = torch.empty(logp.shape, dtype=logp.dtype, pin_memory=True)
-        host.copy_(logp, non_blocking=True)
+        # On the CPU a copy too: a graph's output buffer is overwritten by its next replay.
+        host = to_host(logp) if logp.device.type == "cuda" else logp.clone()
         return list(host.unbind(0))
 
     def _decode_forward(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,

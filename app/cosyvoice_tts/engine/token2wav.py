@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .cuda_graphs import deferred_replays
 from .flow_pages import PagedFlow, PagedRow, StreamPages
-from .host_copy import to_device
+from .host_copy import to_device, to_host
 from .host_spans import span
 from .modules.flow import FlowBatch, HostLengths
 
@@ -423,11 +423,7 @@ class VocodedBatch(_Launched):
 
     def __init__(self, flat: torch.Tensor, lengths: list[int]):
         self.lengths = lengths
-        if flat.device.type == "cuda":
-            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            self._host.copy_(flat, non_blocking=True)
-        else:
-            self._host = flat
+        self._host = to_host(flat)
         super().__init__(flat.device)
 
     def result(self) -> list[np.ndarray]:
