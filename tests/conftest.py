@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random model directory built once per session, the reference interpreter, and torch on
-one thread for modules of tiny models."""
+"""Shared fixtures: a tiny random model directory built once per session, an engine on it per module, the reference
+interpreter, and torch on one thread for modules of tiny models."""
 from __future__ import annotations
 
 import os
@@ -27,6 +27,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from cosyvoice_tts.tools.make_model import make_model
 
     return make_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """A started engine on the tiny model, 4 sessions. Module-scoped: each test module gets one of its own, so a
+    module that changes its settings (the vocoder placement tests do) leaves the others' alone."""
+    from cosyvoice_tts.engine import Engine
+
+    engine = Engine.load(tiny_model_dir, max_sessions=4)
+    engine.start()
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -17,14 +17,6 @@ TEXT_ZH = "你好，今天天气很好。我们一起去公园散步吧，顺便
 TEXT_EN = "Hello there, this is a short test of the streaming speech engine."
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = Engine.load(tiny_model_dir, max_sessions=4)
-    engine.start()
-    yield engine
-    engine.shutdown()
-
-
 def synth(engine, text, **params) -> tuple[np.ndarray, dict]:
     request = engine.submit(SynthesisParams(**{"voice": "中文女", "seed": 3, **params}), text=text)
     audio = request.audio()

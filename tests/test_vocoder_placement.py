@@ -29,14 +29,6 @@ def synthesize_together(engine: Engine) -> dict[int, tuple[np.ndarray, dict]]:
     return audio_of_all(requests)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = Engine.load(tiny_model_dir, max_sessions=4)
-    engine.start()
-    yield engine
-    engine.shutdown()
-
-
 WORKERS = {"thread": VocoderWorker, "overlap": OverlappedVocoder}
 
 
